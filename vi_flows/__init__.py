@@ -1,0 +1,32 @@
+"""vi-flows: normalizing-flow variational posteriors for Pyro models."""
+
+from .flows import (
+    IAF,
+    FlowTransform,
+    Householder,
+    HouseholderSylvester,
+    OrthogonalSylvester,
+    Planar,
+    Radial,
+    TriangularSylvester,
+)
+from .registry import available_flows, build_flow, flow_aliases, get_flow, parse_spec, register_flow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlowTransform",
+    "Householder",
+    "HouseholderSylvester",
+    "IAF",
+    "OrthogonalSylvester",
+    "Planar",
+    "Radial",
+    "TriangularSylvester",
+    "available_flows",
+    "build_flow",
+    "flow_aliases",
+    "get_flow",
+    "parse_spec",
+    "register_flow",
+]

@@ -1,0 +1,68 @@
+"""Shared machinery of the flow families: the transform base class and a scalar root finder."""
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import constraints
+
+
+class FlowTransform(TransformModule):
+    """A bijection of R^D (``event_dim`` 1) whose forward pass also yields log|det J|.
+
+    Subclasses implement :meth:`forward_and_log_det` and :meth:`_inverse`. The log-determinant
+    of the last forward pass is kept with its output, so scoring a fresh sample costs nothing
+    extra; for any other pair ``(x, y)`` it is recomputed from ``x``, so points the flow did not
+    just sample (reference draws, data) are scored exactly rather than with a stale value.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, dim, cache_size=1):
+        if int(dim) < 1:
+            raise ValueError(f"a flow needs a dimension >= 1, got {dim}")
+        super().__init__(cache_size=cache_size)
+        self.dim = int(dim)
+        self._last_output_and_log_det = None
+
+    def forward_and_log_det(self, x):
+        """Return ``(y, log|det dy/dx|)`` with shapes ``x.shape`` and ``x.shape[:-1]``."""
+        raise NotImplementedError
+
+    def _call(self, x):
+        y, log_det = self.forward_and_log_det(x)
+        self._last_output_and_log_det = (y, log_det)
+        return y
+
+    def log_abs_det_jacobian(self, x, y):
+        last = self._last_output_and_log_det
+        if last is not None and last[0] is y:
+            return last[1]
+        return self.forward_and_log_det(x)[1]
+
+    def __getstate__(self):
+        # The kept log-determinant carries an autograd graph, which cannot be copied or pickled.
+        state = super().__getstate__()
+        state["_last_output_and_log_det"] = None
+        return state
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+
+def solve_monotone(func, derivative, target, lower, upper, num_iters=60):
+    """Solve ``func(t) = target`` elementwise for an increasing ``func`` with a root in ``[lower, upper]``.
+
+    Newton steps that leave the current bracket are replaced by bisection, so the solver
+    converges for every strictly increasing ``func``; ``num_iters`` is fixed so the loop stays
+    traceable.
+    """
+    t = (lower + upper) / 2
+    for _ in range(num_iters):
+        residual = func(t) - target
+        lower = torch.where(residual < 0, t, lower)
+        upper = torch.where(residual > 0, t, upper)
+        newton = t - residual / derivative(t)
+        inside = (newton >= lower) & (newton <= upper)
+        t = torch.where(inside, newton, (lower + upper) / 2)
+    return t

@@ -1,0 +1,65 @@
+"""Householder flows (Tomczak & Welling, 2016)."""
+
+import math
+
+import torch
+from torch import nn
+
+from ..registry import register_flow
+from .base import FlowTransform
+
+
+def householder_product(vectors):
+    r"""Return :math:`H_K \cdots H_1` for reflections :math:`H_k = I - 2 v_k v_k^\top / \|v_k\|^2`.
+
+    ``vectors`` has shape ``(..., K, D)``; the result has shape ``(..., D, D)``.
+    """
+    dim = vectors.shape[-1]
+    units = vectors / vectors.norm(dim=-1, keepdim=True)
+    product = torch.eye(dim, dtype=vectors.dtype, device=vectors.device).expand(vectors.shape[:-2] + (dim, dim))
+    for k in range(vectors.shape[-2]):
+        v = units[..., k, :]
+        product = product - 2 * v.unsqueeze(-1) * (v.unsqueeze(-2) @ product)
+    return product
+
+
+@register_flow(
+    "householder",
+    stackable=True,
+    description="volume-preserving product of reflections; rotates a learnable base (Tomczak & Welling 2016)",
+)
+class Householder(FlowTransform):
+    r"""A product of ``num_layers`` Householder reflections, applied as one orthogonal matrix.
+
+    .. math:: z' = H_K \cdots H_1 z, \qquad H_k = I - 2\frac{v_k v_k^\top}{\|v_k\|^2},
+              \qquad \log|\det J| = 0.
+
+    The flow is volume-preserving: it rotates (and reflects) its base distribution, so it needs a
+    base with a learnable scale to change the shape of a distribution. Its inverse is the
+    transposed product.
+
+    Tomczak & Welling, "Improving Variational Auto-Encoders using Householder Flow", 2016.
+
+    Example::
+
+        >>> flow = Householder(dim=4, num_layers=3)
+        >>> z = torch.randn(2, 4)
+        >>> torch.allclose(flow(z).norm(dim=-1), z.norm(dim=-1))
+        True
+    """
+
+    def __init__(self, dim, num_layers=1):
+        super().__init__(dim)
+        self.num_layers = int(num_layers)
+        bound = 1 / math.sqrt(dim)
+        self.vectors = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
+
+    def forward_and_log_det(self, x):
+        y = x @ householder_product(self.vectors).transpose(-1, -2)
+        return y, x.new_zeros(x.shape[:-1])
+
+    def _inverse(self, y):
+        return y @ householder_product(self.vectors)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, num_layers={self.num_layers}"

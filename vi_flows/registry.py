@@ -1,0 +1,133 @@
+"""The flow registry and the spec language ``name[*K]+name[*K]...``."""
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from pyro.distributions.transforms import ComposeTransformModule
+from torch.distributions import Transform
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+_TERM = re.compile(r"\s*([^*\s]+)\s*(?:\*\s*(\S+)\s*)?\Z")
+_SPEC_HELP = "write a spec as name[*K] terms joined by '+', e.g. 'householder*4+planar*8'"
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """A registered flow: ``factory(dim, **kwargs)`` builds one (or, if stackable, K) layers."""
+
+    name: str
+    factory: Callable
+    description: str
+    stackable: bool
+    aliases: tuple = ()
+
+
+_FLOWS: dict = {}
+_ALIASES: dict = {}
+
+
+def register_flow(name, *, description=None, stackable=False, aliases=(), replace=False):
+    """Register ``factory(dim, **kwargs) -> TransformModule`` under ``name`` (a decorator).
+
+    A stackable factory also takes ``num_layers=K`` and builds K layers in one module (the fast
+    path); otherwise ``name*K`` composes K separately built layers. ``description`` defaults to
+    the first line of the factory's docstring. Re-registering a name needs ``replace=True``.
+
+    Example::
+
+        @register_flow("shift")
+        def shift(dim):
+            '''Learnable translation.'''
+            return MyShift(dim)
+
+        build_flow("shift*2+planar*4", dim=3)
+    """
+    for label in (name, *aliases):
+        if not _NAME.match(label):
+            raise ValueError(f"flow name {label!r} must be lower-case letters, digits, '-' or '_'")
+        taken = label in _FLOWS or label in _ALIASES
+        if taken and not replace:
+            raise ValueError(f"a flow named {label!r} is already registered; pass replace=True to replace it")
+
+    def decorator(factory):
+        doc_line = (factory.__doc__ or "").strip().split("\n")[0]
+        _FLOWS[name] = FlowEntry(name, factory, description or doc_line, stackable, tuple(aliases))
+        _ALIASES.pop(name, None)
+        _ALIASES.update({alias: name for alias in aliases})
+        return factory
+
+    return decorator
+
+
+def available_flows():
+    """Return ``{name: description}`` of every registered flow, in registration order."""
+    return {name: entry.description for name, entry in _FLOWS.items()}
+
+
+def flow_aliases():
+    """Return ``{alias: name}`` of every registered alias."""
+    return dict(_ALIASES)
+
+
+def get_flow(name):
+    """Return the :class:`FlowEntry` registered under ``name`` or an alias of it."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _FLOWS:
+        known = [*_FLOWS, *_ALIASES]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        aliases = ", ".join(f"{a} -> {n}" for a, n in _ALIASES.items())
+        raise ValueError(
+            f"unknown flow {name!r}{hint}. Registered flows: {', '.join(_FLOWS)}"
+            + (f" (aliases: {aliases})" if aliases else "")
+            + ". Add your own with vi_flows.register_flow."
+        )
+    return _FLOWS[canonical]
+
+
+def parse_spec(spec):
+    """Split ``"householder*4+planar*8"`` into ``[("householder", 4), ("planar", 8)]``.
+
+    Names are resolved to registered (canonical) names; a malformed spec raises ``ValueError``
+    naming the offending term.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"flow spec must be a non-empty string, got {spec!r}; {_SPEC_HELP}")
+    terms = []
+    for position, term in enumerate(spec.split("+"), start=1):
+        match = _TERM.match(term)
+        if match is None:
+            raise ValueError(f"malformed flow spec {spec!r}: term {position} {term.strip()!r} is not name[*K]; {_SPEC_HELP}")
+        name, count = match.group(1), match.group(2)
+        if count is not None and not (count.isdigit() and int(count) > 0):
+            raise ValueError(
+                f"malformed flow spec {spec!r}: in term {position} {term.strip()!r}, the layer count "
+                f"{count!r} is not a positive integer; {_SPEC_HELP}"
+            )
+        terms.append((get_flow(name).name, 1 if count is None else int(count)))
+    return terms
+
+
+def build_flow(spec, dim, **kwargs):
+    """Build the transform a spec describes, applied from the base outward, on R^dim.
+
+    Keyword arguments named after a registered flow are dicts passed to that family only
+    (``build_flow("householder*2+iaf", 5, iaf={"hidden_dim": 32})``); any other keyword
+    argument is passed to every family in the spec.
+    """
+    family_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _FLOWS or key in _ALIASES}
+    family_kwargs = {_ALIASES.get(key, key): value for key, value in family_kwargs.items()}
+    parts = []
+    for name, count in parse_spec(spec):
+        entry = _FLOWS[name]
+        options = {**kwargs, **family_kwargs.get(name, {})}
+        built = [entry.factory(dim, num_layers=count, **options)] if entry.stackable else [
+            entry.factory(dim, **options) for _ in range(count)
+        ]
+        for transform in built:
+            if not isinstance(transform, Transform):
+                raise TypeError(f"flow {name!r} returned {type(transform).__name__}, not a torch Transform")
+        parts.extend(built)
+    return parts[0] if len(parts) == 1 else ComposeTransformModule(parts)
