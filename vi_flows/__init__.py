@@ -10,11 +10,13 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
+from .guides import AutoFlow, transform_fn
 from .registry import available_flows, build_flow, flow_aliases, get_flow, parse_spec, register_flow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoFlow",
     "FlowTransform",
     "Householder",
     "HouseholderSylvester",
@@ -29,4 +31,5 @@ __all__ = [
     "get_flow",
     "parse_spec",
     "register_flow",
+    "transform_fn",
 ]

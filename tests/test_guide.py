@@ -1,0 +1,252 @@
+"""AutoFlow on the kinds of models users write, with every ELBO and utility Pyro offers."""
+
+import functools
+import io
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow, init_to_value
+from pyro.nn import PyroModule, PyroSample
+
+from vi_flows import AutoFlow, available_flows, transform_fn
+
+pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+
+
+@pytest.fixture(autouse=True)
+def fresh_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def constrained_model(y, improper=True):
+    """Positive, interval, simplex, LKJ-Cholesky and ordered sites; a plate, a mask, a factor,
+    a deterministic site and (unless ``improper=False``) ImproperUniform sites."""
+    sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+    rho = pyro.sample("rho", dist.Uniform(-1.0, 1.0))
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
+    chol = pyro.sample("chol", dist.LKJCholesky(2, 2.0))
+    if improper:
+        cuts = pyro.sample("cuts", dist.ImproperUniform(dist.constraints.ordered_vector, (), (3,)))
+        free = pyro.sample("free", dist.ImproperUniform(dist.constraints.real, (), (2,)))
+    else:
+        cuts = pyro.sample("cuts", dist.TransformedDistribution(dist.Normal(0.0, 3.0).expand([3]).to_event(1), dist.transforms.OrderedTransform()))
+        free = pyro.sample("free", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    pyro.factor("priors_for_improper_sites", dist.Normal(0.0, 3.0).log_prob(cuts).sum() + dist.Normal(0.0, 1.0).log_prob(free).sum())
+    pyro.deterministic("scale_squared", sigma**2)
+    with pyro.plate("groups", 4):
+        effect = pyro.sample("effect", dist.Normal(0.0, 1.0))
+        with poutine.mask(mask=torch.tensor([True, True, False, True])):
+            pyro.sample("masked", dist.Normal(effect, 1.0), obs=torch.zeros(4))
+    mean = (weights * chol[..., 1, :].sum(-1, keepdim=True)).sum(-1) + rho + effect.sum(-1) + free.sum(-1)
+    with pyro.plate("data", len(y)):
+        pyro.sample("obs", dist.Normal(mean.unsqueeze(-1), sigma.unsqueeze(-1)), obs=y)
+
+
+DATA = torch.randn(20)
+ELBOS = {
+    "Trace_ELBO": lambda: Trace_ELBO(),
+    "Trace_ELBO-vectorized": lambda: Trace_ELBO(num_particles=4, vectorize_particles=True),
+    "TraceMeanField_ELBO": lambda: TraceMeanField_ELBO(),
+    "RenyiELBO": lambda: RenyiELBO(alpha=0.5, num_particles=4),
+    "JitTrace_ELBO": lambda: JitTrace_ELBO(num_particles=4, vectorize_particles=True),
+}
+
+
+def fit(model, guide, *args, elbo=None, steps=20, lr=1e-2):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo or Trace_ELBO())
+    return [svi.step(*args) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("elbo", ELBOS)
+@pytest.mark.parametrize("flow", [*available_flows(), "householder*2+planar*2"])
+def test_every_flow_fits_a_constrained_model_with_every_elbo(flow, elbo):
+    if flow.startswith("test-"):
+        pytest.skip("test-only flows are covered by the flow contract")
+    guide = AutoFlow(constrained_model, flow=flow)
+    before = None
+    losses = fit(constrained_model, guide, DATA, elbo=ELBOS[elbo](), steps=5)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    before = guide.loc.detach().clone()
+    fit(constrained_model, guide, DATA, elbo=ELBOS[elbo](), steps=2)
+    assert not torch.equal(before, guide.loc.detach())
+
+
+@pytest.mark.parametrize("base", ["standard", "diagonal", "fullrank"])
+def test_samples_respect_constraints_and_predictive_works(base):
+    # Pyro's Predictive draws every site from its prior once (to count plates), which
+    # ImproperUniform cannot do whatever the guide; so this model uses proper priors.
+    model = functools.partial(constrained_model, improper=False)
+    guide = AutoFlow(model, flow="planar*2", base=base)
+    fit(model, guide, DATA, steps=10)
+    # Predictive keeps a singleton dimension for each plate level: (50, 1) for a global site.
+    draws = {name: value.squeeze(1) for name, value in Predictive(model, guide=guide, num_samples=50)(DATA).items()}
+    assert draws["sigma"].shape == (50,) and (draws["sigma"] > 0).all()
+    assert ((draws["rho"] > -1) & (draws["rho"] < 1)).all()
+    torch.testing.assert_close(draws["weights"].sum(-1), torch.ones(50))
+    assert (draws["cuts"].diff(dim=-1) > 0).all()
+    assert draws["chol"].shape == (50, 2, 2)
+    torch.testing.assert_close(draws["chol"].pow(2).sum(-1), torch.ones(50, 2))
+    assert draws["effect"].shape == (50, 4) and draws["obs"].shape == (50, 20)
+    torch.testing.assert_close(draws["scale_squared"], draws["sigma"] ** 2)
+
+
+def test_median_and_quantiles_are_ordered_and_in_the_support():
+    guide = AutoFlow(constrained_model, flow="iaf")
+    fit(constrained_model, guide, DATA, steps=10)
+    median = guide.median(DATA)
+    quantiles = guide.quantiles([0.05, 0.5, 0.95], DATA)
+    assert set(median) == set(quantiles) == {"sigma", "rho", "weights", "chol", "cuts", "free", "effect"}
+    assert median["effect"].shape == (4,) and quantiles["effect"].shape == (3, 4)
+    assert (quantiles["sigma"].diff(dim=0) > 0).all() and median["sigma"] > 0
+    torch.testing.assert_close(median["sigma"], quantiles["sigma"][1], atol=0.05, rtol=0.05)
+
+
+def test_median_of_a_known_gaussian():
+    """A trained flow's median is a Monte Carlo estimate of the true one, not the base's location."""
+
+    def model():
+        pyro.sample("x", dist.LogNormal(1.0, 0.5))
+
+    guide = AutoFlow(model, flow="planar*4")
+    fit(model, guide, steps=1500, lr=2e-2, elbo=Trace_ELBO(num_particles=8, vectorize_particles=True))
+    torch.testing.assert_close(guide.median()["x"], torch.tensor(1.0).exp(), atol=0.15, rtol=0)
+
+
+def test_init_loc_fn_is_respected():
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.LogNormal(0.0, 1.0))
+
+    guide = AutoFlow(model, flow="radial", init_loc_fn=init_to_value(values={"a": torch.tensor(5.0), "b": torch.tensor(2.0)}))
+    guide()
+    torch.testing.assert_close(guide.loc.detach(), torch.tensor([5.0, torch.tensor(2.0).log().item()]))
+
+
+def test_state_dict_round_trip_gives_the_same_samples():
+    guide = AutoFlow(constrained_model, flow="sylvester*2+iaf")
+    fit(constrained_model, guide, DATA, steps=10)
+    buffer = io.BytesIO()
+    torch.save(guide.state_dict(), buffer)
+    buffer.seek(0)
+
+    pyro.clear_param_store()
+    restored = AutoFlow(constrained_model, flow="sylvester*2+iaf")
+    restored(DATA)
+    restored.load_state_dict(torch.load(buffer))
+    pyro.set_rng_seed(3)
+    expected = guide(DATA)
+    pyro.set_rng_seed(3)
+    actual = restored(DATA)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_guide_follows_the_model_dtype_and_to_moves_every_parameter(dtype):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3, dtype=dtype), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow="householder+iaf", base="fullrank")
+    assert guide()["x"].dtype == dtype
+    assert all(p.dtype == dtype for p in guide.parameters())
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    guide.to(other)
+    assert all(p.dtype == other for p in guide.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fits_on_gpu():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3, device="cuda"), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow="sylvester*2+iaf")
+    guide()
+    guide.to("cuda")
+    losses = fit(model, guide, steps=5, elbo=Trace_ELBO(num_particles=4, vectorize_particles=True))
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert guide.median()["x"].device.type == "cuda"
+
+
+class Regression(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.linear = PyroModule[torch.nn.Linear](2, 1)
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 5.0).expand([1]).to_event(1))
+
+    def forward(self, x, y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        mean = self.linear(x).squeeze(-1)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+
+def test_pyro_module_model_with_arguments():
+    x = torch.randn(30, 2)
+    y = x @ torch.tensor([1.0, -2.0]) + 0.5 + 0.1 * torch.randn(30)
+    model = Regression()
+    guide = AutoFlow(model, flow="iaf", init_scale=0.05)
+    fit(model, guide, x, y, steps=800, lr=3e-2)
+    median = guide.median(x, y)
+    torch.testing.assert_close(median["linear.weight"], torch.tensor([[1.0, -2.0]]), atol=0.15, rtol=0)
+
+
+def test_transform_fn_plugs_into_pyro_autonormalizingflow():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    guide = AutoNormalizingFlow(model, transform_fn("sylvester-triangular*2+planar"))
+    losses = fit(model, guide, steps=5)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+def test_discrete_latent_site_is_named():
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'coin' is discrete.*poutine.block"):
+        AutoFlow(model)()
+
+
+def test_subsampled_local_latents_are_refused():
+    def model():
+        with pyro.plate("data", 100, subsample_size=10):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'z' lies in plate 'data', subsampled to 10 of 100"):
+        AutoFlow(model)()
+
+
+def test_subsampled_plate_with_only_global_latents_is_fine():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y), subsample_size=5) as index:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[index])
+
+    guide = AutoFlow(model, flow="planar")
+    assert torch.isfinite(torch.tensor(fit(model, guide, torch.randn(50), steps=3))).all()
+
+
+def test_model_without_latents_is_refused():
+    def model():
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+
+    with pytest.raises(ValueError, match="no latent sample site"):
+        AutoFlow(model)()
+
+
+def test_bad_arguments_are_refused_at_construction():
+    with pytest.raises(ValueError, match="base must be one of"):
+        AutoFlow(constrained_model, base="gaussian")
+    with pytest.raises(ValueError, match="unknown flow 'planr'"):
+        AutoFlow(constrained_model, flow="planr*2")
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        AutoFlow(constrained_model, init_scale=0.0)
