@@ -29,7 +29,7 @@ def householder_product(vectors):
     description="volume-preserving product of reflections; rotates a learnable base (Tomczak & Welling 2016)",
 )
 class Householder(FlowTransform):
-    r"""A product of ``num_layers`` Householder reflections, applied as one orthogonal matrix.
+    r"""A product of ``num_layers`` Householder reflections.
 
     .. math:: z' = H_K \cdots H_1 z, \qquad H_k = I - 2\frac{v_k v_k^\top}{\|v_k\|^2},
               \qquad \log|\det J| = 0.
@@ -54,12 +54,19 @@ class Householder(FlowTransform):
         bound = 1 / math.sqrt(dim)
         self.vectors = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
 
+    def _reflect(self, x, order):
+        # Reflecting the samples directly costs K (N x D) products, less than forming the D x D
+        # product matrix first whenever N < D, which is the usual case in SVI (N = particles).
+        units = self.vectors / self.vectors.norm(dim=-1, keepdim=True)
+        for k in order:
+            x = x - 2 * (x @ units[k]).unsqueeze(-1) * units[k]
+        return x
+
     def forward_and_log_det(self, x):
-        y = x @ householder_product(self.vectors).transpose(-1, -2)
-        return y, x.new_zeros(x.shape[:-1])
+        return self._reflect(x, range(self.num_layers)), x.new_zeros(x.shape[:-1])
 
     def _inverse(self, y):
-        return y @ householder_product(self.vectors)
+        return self._reflect(y, reversed(range(self.num_layers)))
 
     def extra_repr(self):
         return f"dim={self.dim}, num_layers={self.num_layers}"
