@@ -10,6 +10,7 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
+from .fitting import FitResult, FittingError, fit
 from .guides import AutoFlow, transform_fn
 from .registry import available_flows, build_flow, flow_aliases, get_flow, parse_spec, register_flow
 
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoFlow",
+    "FitResult",
+    "FittingError",
     "FlowTransform",
     "Householder",
     "HouseholderSylvester",
@@ -27,6 +30,7 @@ __all__ = [
     "TriangularSylvester",
     "available_flows",
     "build_flow",
+    "fit",
     "flow_aliases",
     "get_flow",
     "parse_spec",

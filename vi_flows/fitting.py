@@ -1,0 +1,116 @@
+"""``fit``: run SVI with clipping, a decaying learning rate, a stopping rule and NaN protection."""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from tqdm.auto import tqdm
+
+
+class FittingError(RuntimeError):
+    """The loss became NaN or infinite; the guide holds the last parameters with a finite loss."""
+
+
+@dataclass
+class FitResult:
+    """What a call to :func:`fit` did: the loss per step, how long it ran and why it stopped."""
+
+    losses: list = field(default_factory=list)
+    num_steps: int = 0
+    seconds: float = 0.0
+    stop_reason: str = ""
+
+
+def has_converged(losses, window):
+    """True when the mean loss of the last ``window`` steps is no lower than that of the window
+    before by more than two standard errors of the difference: the ELBO has stopped improving."""
+    if len(losses) < 2 * window:
+        return False
+    previous = torch.tensor(losses[-2 * window : -window])
+    last = torch.tensor(losses[-window:])
+    standard_error = math.sqrt((previous.var() + last.var()).item() / window)
+    return (previous.mean() - last.mean()).item() < 2 * standard_error
+
+
+def fit(
+    model,
+    guide,
+    *args,
+    num_steps=None,
+    lr=1e-2,
+    num_particles=8,
+    seed=None,
+    progress=True,
+    max_steps=20000,
+    window=500,
+    clip_norm=10.0,
+    final_lr_fraction=0.1,
+    **kwargs,
+):
+    """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
+
+    With ``num_steps`` it runs exactly that many steps, the learning rate decaying geometrically
+    to ``final_lr_fraction * lr``. Without, it runs until :func:`has_converged` says the last
+    ``window`` steps did not improve on the ones before (at most ``max_steps``), decaying over
+    ``max_steps``. Gradients are clipped to norm ``clip_norm`` (Pyro's ``ClippedAdam``).
+
+    If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
+    restored and :class:`FittingError` names the step.
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    budget = num_steps if num_steps is not None else max_steps
+    decay = final_lr_fraction ** (1 / budget)
+    optimizer = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": clip_norm, "lrd": decay})
+    svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles=num_particles, vectorize_particles=True))
+    result = FitResult()
+    start = time.perf_counter()
+    # Parameters before the previous step and before this one: a step whose loss is finite can
+    # still leave NaN parameters behind (a NaN gradient), so a NaN loss at step t restores the
+    # parameters step t - 1 started from, the last ones known to give a finite loss.
+    before_previous, before_this = {}, {}
+    store = pyro.get_param_store()
+    bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step")
+    try:
+        for step in range(budget):
+            before_previous, before_this = before_this, before_previous
+            with torch.no_grad():
+                for name, value in store.named_parameters():
+                    before_this.setdefault(name, torch.empty_like(value)).copy_(value)
+            try:
+                loss = svi.step(*args, **kwargs)
+            except ValueError as error:
+                # With validation on (Pyro's default), NaNs surface as invalid distribution arguments.
+                if "nan" not in str(error):
+                    raise
+                loss = float("nan")
+            if not math.isfinite(loss):
+                restore = before_previous if step > 0 else before_this
+                with torch.no_grad():
+                    for name, value in store.named_parameters():
+                        if name in restore:
+                            value.copy_(restore[name])
+                result.stop_reason = f"loss was {loss} at step {step}"
+                raise FittingError(
+                    f"the loss became {loss} at step {step}; the guide's parameters are restored to "
+                    "those of the last finite step. Try a smaller lr, a smaller init_scale, or check the "
+                    "model for values outside its support."
+                )
+            result.losses.append(loss)
+            bar.update()
+            if step % 50 == 0:
+                recent = result.losses[-50:]
+                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}")
+            if num_steps is None and step % window == 0 and has_converged(result.losses, window):
+                result.stop_reason = f"converged: no ELBO improvement over the last {window} steps"
+                break
+        else:
+            result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
+    finally:
+        bar.close()
+        result.num_steps = len(result.losses)
+        result.seconds = time.perf_counter() - start
+    return result
