@@ -2,6 +2,7 @@
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
+from torch import nn
 from torch.distributions import constraints
 
 
@@ -18,11 +19,12 @@ class FlowTransform(TransformModule):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, dim, cache_size=1):
-        if int(dim) < 1:
-            raise ValueError(f"a flow needs a dimension >= 1, got {dim}")
+    def __init__(self, dim, num_layers=1, cache_size=1):
+        if int(dim) < 1 or int(num_layers) < 1:
+            raise ValueError(f"a flow needs dim >= 1 and num_layers >= 1, got dim={dim}, num_layers={num_layers}")
         super().__init__(cache_size=cache_size)
         self.dim = int(dim)
+        self.num_layers = int(num_layers)
         self._last_output_and_log_det = None
 
     def forward_and_log_det(self, x):
@@ -46,8 +48,11 @@ class FlowTransform(TransformModule):
         state["_last_output_and_log_det"] = None
         return state
 
+    # torch's Transform.__repr__ would hide the module's sizes and sub-modules.
+    __repr__ = nn.Module.__repr__
+
     def extra_repr(self):
-        return f"dim={self.dim}"
+        return f"dim={self.dim}, num_layers={self.num_layers}"
 
 
 def solve_monotone(func, derivative, target, lower, upper, num_iters=60):

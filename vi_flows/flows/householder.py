@@ -49,8 +49,7 @@ class Householder(FlowTransform):
     """
 
     def __init__(self, dim, num_layers=1):
-        super().__init__(dim)
-        self.num_layers = int(num_layers)
+        super().__init__(dim, num_layers)
         bound = 1 / math.sqrt(dim)
         self.vectors = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
 
@@ -67,6 +66,3 @@ class Householder(FlowTransform):
 
     def _inverse(self, y):
         return self._reflect(y, reversed(range(self.num_layers)))
-
-    def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}"

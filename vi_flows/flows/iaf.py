@@ -52,8 +52,7 @@ class IAF(FlowTransform):
     gate_bias = 2.0  # the paper starts the gate near 1, so each layer starts close to the identity
 
     def __init__(self, dim, num_layers=1, hidden_dim=None, gated=False):
-        super().__init__(dim)
-        self.num_layers = int(num_layers)
+        super().__init__(dim, num_layers)
         self.hidden_dim = 3 * dim + 10 if hidden_dim is None else int(hidden_dim)
         self.gated = bool(gated)
         degrees = torch.arange(1, dim + 1)
@@ -106,4 +105,4 @@ class IAF(FlowTransform):
         return y
 
     def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}, hidden_dim={self.hidden_dim}, gated={self.gated}"
+        return f"{super().extra_repr()}, hidden_dim={self.hidden_dim}, gated={self.gated}"

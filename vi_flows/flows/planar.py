@@ -39,8 +39,7 @@ class Planar(FlowTransform):
     """
 
     def __init__(self, dim, num_layers=1):
-        super().__init__(dim)
-        self.num_layers = int(num_layers)
+        super().__init__(dim, num_layers)
         bound = 1 / math.sqrt(dim)
         self.u = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
         self.w = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
@@ -76,6 +75,3 @@ class Planar(FlowTransform):
             )
             y = y - torch.tanh(pre_activation).unsqueeze(-1) * u_hat[k]
         return y
-
-    def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}"

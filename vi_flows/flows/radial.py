@@ -41,8 +41,7 @@ class Radial(FlowTransform):
     """
 
     def __init__(self, dim, num_layers=1):
-        super().__init__(dim)
-        self.num_layers = int(num_layers)
+        super().__init__(dim, num_layers)
         bound = 1 / math.sqrt(dim)
         self.centre = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
         self.alpha_raw = nn.Parameter(torch.empty(num_layers).uniform_(-bound, bound))
@@ -78,6 +77,3 @@ class Radial(FlowTransform):
             radius = torch.where(linear >= 0, 2 * alpha[k] * new_radius / (linear + root), (root - linear) / 2)
             y = self.centre[k] + offset / (1 + beta[k] / (alpha[k] + radius)).unsqueeze(-1)
         return y
-
-    def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}"

@@ -18,10 +18,9 @@ class _Sylvester(FlowTransform):
     """
 
     def __init__(self, dim, num_layers, bottleneck):
-        super().__init__(dim)
+        super().__init__(dim, num_layers)
         if not 1 <= bottleneck <= dim:
             raise ValueError(f"Sylvester bottleneck must lie in [1, dim={dim}], got {bottleneck}")
-        self.num_layers = int(num_layers)
         self.bottleneck = int(bottleneck)
         bound = 1 / math.sqrt(bottleneck)
         shape = (num_layers, bottleneck, bottleneck)
@@ -85,7 +84,7 @@ class _Sylvester(FlowTransform):
         return y
 
     def extra_repr(self):
-        return f"dim={self.dim}, num_layers={self.num_layers}, bottleneck={self.bottleneck}"
+        return f"{super().extra_repr()}, bottleneck={self.bottleneck}"
 
 
 @register_flow(
