@@ -36,9 +36,10 @@ def constrained_model(y, improper=True):
         cuts = pyro.sample("cuts", dist.ImproperUniform(dist.constraints.ordered_vector, (), (3,)))
         free = pyro.sample("free", dist.ImproperUniform(dist.constraints.real, (), (2,)))
     else:
-        cuts = pyro.sample("cuts", dist.TransformedDistribution(dist.Normal(0.0, 3.0).expand([3]).to_event(1), dist.transforms.OrderedTransform()))
+        sorted_normal = dist.TransformedDistribution(dist.Normal(0.0, 3.0).expand([3]).to_event(1), dist.transforms.OrderedTransform())
+        cuts = pyro.sample("cuts", sorted_normal)
         free = pyro.sample("free", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-    pyro.factor("priors_for_improper_sites", dist.Normal(0.0, 3.0).log_prob(cuts).sum() + dist.Normal(0.0, 1.0).log_prob(free).sum())
+    pyro.factor("extra_prior", dist.Normal(0.0, 3.0).log_prob(cuts).sum() + dist.Normal(0.0, 1.0).log_prob(free).sum())
     pyro.deterministic("scale_squared", sigma**2)
     with pyro.plate("groups", 4):
         effect = pyro.sample("effect", dist.Normal(0.0, 1.0))

@@ -1,5 +1,6 @@
 """vi-flows: normalizing-flow variational posteriors for Pyro models."""
 
+from .fitting import FitResult, FittingError, fit
 from .flows import (
     IAF,
     FlowTransform,
@@ -10,7 +11,6 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
-from .fitting import FitResult, FittingError, fit
 from .guides import AutoFlow, transform_fn
 from .registry import available_flows, build_flow, flow_aliases, get_flow, parse_spec, register_flow
 

@@ -4,13 +4,13 @@ import functools
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineTransform, LowerCholeskyAffine
 from pyro.distributions.util import eye_like
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
-from pyro.distributions import constraints
 from torch.distributions import biject_to
 
 from .registry import build_flow, parse_spec
