@@ -71,7 +71,6 @@ def test_every_flow_fits_a_constrained_model_with_every_elbo(flow, elbo):
     if flow.startswith("test-"):
         pytest.skip("test-only flows are covered by the flow contract")
     guide = AutoFlow(constrained_model, flow=flow)
-    before = None
     losses = fit(constrained_model, guide, DATA, elbo=ELBOS[elbo](), steps=5)
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     before = guide.loc.detach().clone()
