@@ -5,4 +5,5 @@ normaliser of the unnormalised posterior the model defines, or ``None`` if unkno
 known, ``sample_posterior(num_samples)`` returning exact draws ``{site: tensor}``.
 """
 
+# The models with LOG_Z and sample_posterior, used by the KL benchmark.
 KNOWN_LOG_Z = ("correlated_gaussian", "banana", "funnel", "gaussian_mixture")

@@ -52,6 +52,7 @@ def test_nan_loss_names_the_step_and_restores_finite_parameters():
         fit(model, guide, num_steps=5000, lr=5e-2, progress=False, seed=0)
     step = int(str(error.value).split("at step ")[1].split(";")[0])
     assert step > 0
+    assert error.value.result.num_steps == step and len(error.value.result.losses) == step
     assert all(torch.isfinite(p).all() for p in guide.parameters())
     samples = guide.sample_constrained(100)["x"]
     assert torch.isfinite(samples).all()

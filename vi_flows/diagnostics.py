@@ -2,23 +2,9 @@
 
 import math
 
-import pyro.poutine as poutine
 import torch
+from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
-
-
-def _max_plate_nesting(model, guide, *args, **kwargs):
-    """How many vectorised plates deep the model goes, read off one guide-replayed model trace."""
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(*args, **kwargs)
-    depths = [
-        -frame.dim
-        for site in model_trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(depths, default=0)
 
 
 @torch.no_grad()
@@ -27,9 +13,18 @@ def log_importance_weights(model, guide, *args, num_samples=4096, **kwargs):
 
     Uses Pyro's vectorised importance sampler, so model and guide run once for all draws.
     """
-    nesting = _max_plate_nesting(model, guide, *args, **kwargs)
+    # Pyro counts plates from a guide trace and a replayed model trace (no prior draw, so
+    # ImproperUniform sites are fine); it exposes that only through its ELBOs.
+    plate_counter = Trace_ELBO()
+    plate_counter._guess_max_plate_nesting(model, guide, args, kwargs)
     log_weights, _, _ = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        max_plate_nesting=plate_counter.max_plate_nesting,
+        normalized=False,
+        **kwargs,
     )
     return log_weights
 

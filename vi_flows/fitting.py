@@ -11,7 +11,14 @@ from tqdm.auto import tqdm
 
 
 class FittingError(RuntimeError):
-    """The loss became NaN or infinite; the guide holds the last parameters with a finite loss."""
+    """The loss became NaN or infinite; the guide holds the last parameters with a finite loss.
+
+    ``result`` is the :class:`FitResult` up to that step, so the loss trace is not lost.
+    """
+
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -97,7 +104,8 @@ def fit(
                 raise FittingError(
                     f"the loss became {loss} at step {step}; the guide's parameters are restored to "
                     "those of the last finite step. Try a smaller lr, a smaller init_scale, or check the "
-                    "model for values outside its support."
+                    "model for values outside its support.",
+                    result,
                 )
             result.losses.append(loss)
             bar.update()

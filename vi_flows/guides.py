@@ -11,7 +11,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
-from torch.distributions import biject_to
+from torch.distributions import ComposeTransform, biject_to
 
 from .registry import build_flow, parse_spec
 
@@ -157,10 +157,7 @@ class AutoFlow(AutoContinuous):
             )
         parts.append(self.flow)
         parts.append(AffineTransform(self.loc, 1.0, event_dim=1, cache_size=1))
-        return parts
-
-    def get_posterior(self, *args, **kwargs):
-        return dist.TransformedDistribution(self.get_base_dist(), self.get_transform(*args, **kwargs))
+        return ComposeTransform(parts)
 
     @torch.no_grad()
     def sample_constrained(self, num_samples, *args, **kwargs):
