@@ -151,14 +151,57 @@ def test_neutra_reparam_runs_nuts_through_the_flow():
     assert torch.isfinite(samples["x2"]).all()
 
 
-def test_init_loc_fn_is_respected():
+def test_prior_init_respects_init_loc_fn():
     def model():
         pyro.sample("a", dist.Normal(0.0, 1.0))
         pyro.sample("b", dist.LogNormal(0.0, 1.0))
 
-    guide = AutoFlow(model, flow="radial", init_loc_fn=init_to_value(values={"a": torch.tensor(5.0), "b": torch.tensor(2.0)}))
+    values = {"a": torch.tensor(5.0), "b": torch.tensor(2.0)}
+    guide = AutoFlow(model, flow="radial", init="prior", init_loc_fn=init_to_value(values=values))
     guide()
+    assert guide.init_used == "prior"
     torch.testing.assert_close(guide.loc.detach(), torch.tensor([5.0, torch.tensor(2.0).log().item()]))
+
+
+def gaussian_model():
+    # Correlation 0.95 between the first two coordinates, scales 2, 1 and 0.11.
+    scale_tril = torch.tensor([[2.0, 0.0, 0.0], [0.95, 0.3122, 0.0], [0.0, 0.05, 0.1]])
+    covariance = scale_tril @ scale_tril.T
+    pyro.sample("x", dist.MultivariateNormal(torch.tensor([1.0, -2.0, 3.0]), covariance))
+    return covariance
+
+
+@pytest.mark.parametrize("init", ["laplace", "auto"])
+def test_laplace_init_matches_the_analytic_gaussian(init):
+    guide = AutoFlow(gaussian_model, flow="sylvester*2+iaf", base="fullrank", init=init)
+    guide()
+    assert guide.init_used == "laplace"
+    covariance = gaussian_model()
+    with torch.no_grad():
+        scale_tril = guide.scale.unsqueeze(-1) * guide.preconditioner
+        torch.testing.assert_close(guide.loc, torch.tensor([1.0, -2.0, 3.0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(scale_tril @ scale_tril.T, covariance, atol=1e-4, rtol=1e-3)
+    # The flow starts near the identity, so the guide starts near the exact posterior.
+    draws = guide.sample_constrained(20000)["x"]
+    torch.testing.assert_close(draws.T.cov(), covariance, atol=0.1, rtol=0.05)
+
+
+def test_auto_init_keeps_the_prior_point_where_the_mode_misleads():
+    """Neal's funnel: the joint mode sits deep in the neck (y ~ -40), far from the posterior mass."""
+    from vi_flows.models import funnel
+
+    guide = AutoFlow(funnel.model, init="auto")
+    guide()
+    assert guide.init_used == "prior"
+
+
+def test_laplace_falls_back_with_a_warning_at_a_saddle():
+    from vi_flows.models import gaussian_mixture
+
+    guide = AutoFlow(gaussian_mixture.model, init="laplace")
+    with pytest.warns(UserWarning, match="Laplace initialisation failed"):
+        guide()
+    assert guide.init_used == "prior"
 
 
 def test_state_dict_round_trip_gives_the_same_samples():

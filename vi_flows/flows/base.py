@@ -5,6 +5,10 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import constraints
 
+# Scale of the parameters that make a layer differ from the identity at initialisation: flows
+# start close to their base, so a well-initialised base (e.g. a Laplace fit) is not spoiled.
+NEAR_IDENTITY = 1e-2
+
 
 class FlowTransform(TransformModule):
     """A bijection of R^D (``event_dim`` 1) whose forward pass also yields log|det J|.

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_flow
-from .base import FlowTransform
+from .base import NEAR_IDENTITY, FlowTransform
 
 
 def _made_masks(dim, hidden_dim, input_degrees):
@@ -59,7 +59,7 @@ class IAF(FlowTransform):
         masks = [_made_masks(dim, self.hidden_dim, degrees if k % 2 == 0 else degrees.flip(0)) for k in range(num_layers)]
         self.register_buffer("_input_masks", torch.stack([m[0] for m in masks]))
         self.register_buffer("_output_masks", torch.stack([m[1] for m in masks]).repeat(1, 2, 1))
-        in_bound, out_bound = 1 / math.sqrt(dim), 1e-2 / math.sqrt(self.hidden_dim)
+        in_bound, out_bound = 1 / math.sqrt(dim), NEAR_IDENTITY / math.sqrt(self.hidden_dim)
         self.hidden_weight = nn.Parameter(torch.empty(num_layers, self.hidden_dim, dim).uniform_(-in_bound, in_bound))
         self.hidden_bias = nn.Parameter(torch.empty(num_layers, self.hidden_dim).uniform_(-in_bound, in_bound))
         self.output_weight = nn.Parameter(torch.empty(num_layers, 2 * dim, self.hidden_dim).uniform_(-out_bound, out_bound))

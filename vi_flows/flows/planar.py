@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_flow
-from .base import FlowTransform, solve_monotone
+from .base import NEAR_IDENTITY, FlowTransform, solve_monotone
+
+_LOG_E_MINUS_1 = math.log(math.e - 1)
 
 
 @register_flow(
@@ -24,8 +26,9 @@ class Planar(FlowTransform):
               \log|\det J| = \log|1 + \tanh'(w^\top z + b)\, \hat u^\top w|,
 
     where :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2` with
-    :math:`m(x) = -1 + \mathrm{softplus}(x)` keeps :math:`\hat u^\top w > -1`, which makes the
-    layer invertible. The inverse solves the increasing scalar equation
+    :math:`m(x) = \mathrm{softplus}(x + \log(e - 1)) - 1` keeps :math:`\hat u^\top w > -1`, which
+    makes the layer invertible. (The paper's :math:`m` has no shift; with it :math:`m(0) = 0`, so a
+    small :math:`u`, the initialisation here, is a near-identity layer.) The inverse solves the increasing scalar equation
     :math:`a + \hat u^\top w \tanh(a) = w^\top z' + b` for :math:`a = w^\top z + b`.
 
     Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -41,14 +44,14 @@ class Planar(FlowTransform):
     def __init__(self, dim, num_layers=1):
         super().__init__(dim, num_layers)
         bound = 1 / math.sqrt(dim)
-        self.u = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
+        self.u = nn.Parameter(torch.empty(num_layers, dim).uniform_(-NEAR_IDENTITY * bound, NEAR_IDENTITY * bound))
         self.w = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.empty(num_layers).uniform_(-bound, bound))
 
     def _constrained_u(self):
         """Return ``(u_hat, u_hat . w)`` for every layer."""
         w_dot_u = (self.w * self.u).sum(-1)
-        u_hat_dot_w = F.softplus(w_dot_u) - 1
+        u_hat_dot_w = F.softplus(w_dot_u + _LOG_E_MINUS_1) - 1
         u_hat = self.u + ((u_hat_dot_w - w_dot_u) / self.w.pow(2).sum(-1)).unsqueeze(-1) * self.w
         return u_hat, u_hat_dot_w
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_flow
-from .base import FlowTransform
+from .base import NEAR_IDENTITY, FlowTransform
 
 
 @register_flow(
@@ -45,7 +45,8 @@ class Radial(FlowTransform):
         bound = 1 / math.sqrt(dim)
         self.centre = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
         self.alpha_raw = nn.Parameter(torch.empty(num_layers).uniform_(-bound, bound))
-        self.beta_raw = nn.Parameter(torch.empty(num_layers).uniform_(-bound, bound))
+        # beta = softplus(beta_raw) - softplus(alpha_raw) is ~0 here: each layer starts near the identity.
+        self.beta_raw = nn.Parameter(self.alpha_raw.detach() + torch.empty(num_layers).uniform_(-NEAR_IDENTITY, NEAR_IDENTITY))
 
     def _alpha_beta(self):
         alpha = F.softplus(self.alpha_raw)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..registry import register_flow
-from .base import FlowTransform, solve_monotone
+from .base import NEAR_IDENTITY, FlowTransform, solve_monotone
 from .householder import householder_product
 
 
@@ -24,9 +24,10 @@ class _Sylvester(FlowTransform):
         self.bottleneck = int(bottleneck)
         bound = 1 / math.sqrt(bottleneck)
         shape = (num_layers, bottleneck, bottleneck)
-        self.r = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        # A small output map R starts every layer near the identity.
+        self.r = nn.Parameter(torch.empty(shape).uniform_(-NEAR_IDENTITY * bound, NEAR_IDENTITY * bound))
         self.r_tilde = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
-        self.r_diag_raw = nn.Parameter(torch.empty(num_layers, bottleneck).uniform_(-1, 1))
+        self.r_diag_raw = nn.Parameter(torch.empty(num_layers, bottleneck).uniform_(-NEAR_IDENTITY, NEAR_IDENTITY))
         self.r_tilde_diag_raw = nn.Parameter(torch.empty(num_layers, bottleneck).uniform_(-1, 1))
         self.bias = nn.Parameter(torch.empty(num_layers, bottleneck).uniform_(-bound, bound))
         self.register_buffer("_strict_upper", torch.ones(bottleneck, bottleneck).triu(1), persistent=False)
