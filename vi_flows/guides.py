@@ -131,24 +131,25 @@ class AutoFlow(AutoContinuous):
 
     Latents are packed into one unconstrained vector by Pyro's ``AutoContinuous``; the guide is
 
-    .. math:: \theta = \mu + \sigma \odot L f(B\varepsilon), \qquad \varepsilon \sim \mathcal N(0, I),
+    .. math:: \theta = c + P\,(\mu + \sigma \odot f(B\varepsilon)), \qquad \varepsilon \sim \mathcal N(0, I),
 
-    with :math:`\mu` and :math:`\sigma` learnable, :math:`L` a fixed lower-triangular
-    preconditioner (the identity, or the Laplace correlation factor), :math:`B` the identity (``base="standard"``),
-    a learnable diagonal (``"diagonal"``) or a learnable lower-triangular matrix (``"fullrank"``)
-    starting at the identity, and :math:`f` the flow that ``flow`` names (a registered name or a
-    spec such as ``"householder*4+planar*8"``). The flow acts on unit-scale noise whatever the
-    posterior's scales (which :math:`\sigma` carries), and a volume-preserving flow such as
-    Householder turns a diagonal base into a correlated one.
+    where :math:`f` is the flow that ``flow`` names (a registered name or a spec such as
+    ``"householder*4+planar*8"``); :math:`B` is the identity (``base="standard"``), a learnable
+    diagonal (``"diagonal"``) or a learnable lower-triangular matrix (``"fullrank"``), starting at
+    the identity; :math:`\mu` (from 0) and :math:`\sigma` are learnable; and the centre :math:`c`
+    and lower-triangular preconditioner :math:`P` are fixed by the initialisation. All learnable
+    parameters thus live in preconditioned coordinates: an optimiser step means the same in every
+    direction however different the posterior's scales are, and the flow acts on unit-scale noise.
+    A volume-preserving flow such as Householder turns a diagonal base into a correlated one.
 
     Initialisation (``init``):
 
-    - ``"prior"``: :math:`\mu` at ``init_loc_fn``'s point, :math:`\sigma` = ``init_scale``.
-    - ``"laplace"``: :math:`\mu` at the MAP point in unconstrained space (L-BFGS on Pyro's
-      ``AutoLaplaceApproximation``), :math:`\sigma` the Laplace standard deviations and :math:`L`
-      the Cholesky factor of the Laplace correlation matrix. Flows start near the identity, so the
-      guide starts at the Laplace approximation and the flow learns what is not Gaussian. Falls back
-      to ``"prior"`` with a warning where the MAP diverges or the Hessian is not positive definite.
+    - ``"prior"``: :math:`c` at ``init_loc_fn``'s point, :math:`P = I`, :math:`\sigma` = ``init_scale``.
+    - ``"laplace"``: :math:`c` at the MAP point in unconstrained space (L-BFGS on Pyro's
+      ``AutoLaplaceApproximation``), :math:`P` the Cholesky factor of the Laplace covariance,
+      :math:`\sigma = 1`. Flows start near the identity, so the guide starts at the Laplace
+      approximation and the flow learns what is not Gaussian. Falls back to ``"prior"`` with a
+      warning where the MAP search diverges or the Hessian is not positive definite.
     - ``"auto"`` (default): both, keeping the one with the higher ELBO (32 draws). A Laplace
       fit is poor where the mode is unrepresentative, as in Neal's funnel.
 
@@ -206,15 +207,16 @@ class AutoFlow(AutoContinuous):
                 check_latent_sites(self.prototype_trace)
             raise
         check_latent_sites(self.prototype_trace)
-        loc = self._init_loc()
-        self.loc = nn.Parameter(loc)
-        self.scale = PyroParam(loc.new_full((self.latent_dim,), self._init_scale), self.scale_constraint)
+        centre = self._init_loc()
+        self.register_buffer("centre", centre)
+        self.register_buffer("preconditioner", eye_like(centre, self.latent_dim))
+        self.loc = nn.Parameter(torch.zeros_like(centre))
+        self.scale = PyroParam(torch.full_like(centre, self._init_scale), self.scale_constraint)
         if self.base == "diagonal":
-            self.base_scale = PyroParam(torch.ones_like(loc), self.scale_constraint)
+            self.base_scale = PyroParam(torch.ones_like(centre), self.scale_constraint)
         elif self.base == "fullrank":
-            self.base_scale_tril = PyroParam(eye_like(loc, self.latent_dim), constraints.lower_cholesky)
-        self.register_buffer("preconditioner", eye_like(loc, self.latent_dim))
-        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs).to(loc)
+            self.base_scale_tril = PyroParam(eye_like(centre, self.latent_dim), constraints.lower_cholesky)
+        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs).to(centre)
         self.init_used = "prior"
         if self.init != "prior":
             # Runs inside whatever SVI step asked for the first sample: hide it from that trace.
@@ -229,11 +231,11 @@ class AutoFlow(AutoContinuous):
         prior_elbo = None
         if self.init == "auto":
             prior_elbo = self._quick_elbo(*args, **kwargs)
-        loc, scale, correlation_tril = laplace
+        mode, scale, correlation_tril = laplace
         with torch.no_grad():
-            self.loc.copy_(loc)
-            self.scale = scale
-            self.preconditioner.copy_(correlation_tril)
+            self.centre.copy_(mode)
+            self.preconditioner.copy_(scale.unsqueeze(-1) * correlation_tril)
+            self.scale = torch.ones_like(scale)
         self.init_used = "laplace"
         if prior_elbo is not None:
             laplace_elbo = self._quick_elbo(*args, **kwargs)
@@ -258,7 +260,10 @@ class AutoFlow(AutoContinuous):
         elif self.base == "fullrank":
             parts.append(LowerCholeskyAffine(torch.zeros_like(self.loc), self.base_scale_tril, cache_size=1))
         parts.append(self.flow)
-        parts.append(LowerCholeskyAffine(self.loc, self.scale.unsqueeze(-1) * self.preconditioner, cache_size=1))
+        # c + P (mu + sigma * x) as one affine map.
+        parts.append(
+            LowerCholeskyAffine(self.centre + self.preconditioner @ self.loc, self.preconditioner * self.scale, cache_size=1)
+        )
         return ComposeTransform(parts)
 
     @torch.no_grad()
