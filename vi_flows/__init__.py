@@ -12,7 +12,14 @@ from .flows import (
     TriangularSylvester,
 )
 from .guides import AutoFlow, transform_fn
-from .registry import available_flows, build_flow, flow_aliases, get_flow, parse_spec, register_flow
+from .registry import (
+    available_flows,
+    build_flow,
+    flow_aliases,
+    get_flow,
+    parse_spec,
+    register_flow,
+)
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Diagnostics of a fitted guide: pure functions of log importance weights, plus the sampler of them."""
+"""Diagnostics of a fitted guide: pure functions of draws and log importance weights, plus the sampler of the latter."""
 
 import math
 
@@ -32,3 +32,23 @@ def log_importance_weights(model, guide, *args, num_samples=4096, **kwargs):
 def elbo_estimate(log_weights):
     """The ELBO (mean log weight) and its Monte Carlo standard error, as floats."""
     return log_weights.mean().item(), (log_weights.std() / math.sqrt(log_weights.numel())).item()
+
+
+def moment_errors(draws, reference):
+    """Per-element standardised mean error and sd ratio of ``draws`` against ``reference``.
+
+    ``draws`` maps a site to a tensor of shape ``(num_draws, *site_shape)``; ``reference`` maps a
+    site to its exact ``(mean, sd)``. Returns ``{site: (|mean - ref_mean| / ref_sd, sd / ref_sd)}``.
+    """
+    result = {}
+    for name, (mean, sd) in reference.items():
+        values = draws[name]
+        result[name] = ((values.mean(0) - mean).abs() / sd, values.std(0) / sd)
+    return result
+
+
+def worst_moment_errors(errors):
+    """The largest standardised mean error and the largest |sd ratio - 1| over all sites."""
+    worst_mean = max(mean_error.max().item() for mean_error, _ in errors.values())
+    worst_sd = max((sd_ratio - 1).abs().max().item() for _, sd_ratio in errors.values())
+    return worst_mean, worst_sd

@@ -53,16 +53,21 @@ def fit(
     progress=True,
     max_steps=20000,
     window=500,
-    clip_norm=10.0,
+    warmup_steps=100,
+    plateau_factor=0.2,
+    num_plateaus=3,
     final_lr_fraction=0.1,
+    clip_norm=10.0,
     **kwargs,
 ):
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
 
-    With ``num_steps`` it runs exactly that many steps, the learning rate decaying geometrically
-    to ``final_lr_fraction * lr``. Without, it runs until :func:`has_converged` says the last
-    ``window`` steps did not improve on the ones before (at most ``max_steps``), decaying over
-    ``max_steps``. Gradients are clipped to norm ``clip_norm`` (Pyro's ``ClippedAdam``).
+    The learning rate warms up linearly over ``warmup_steps``. With ``num_steps`` fitting runs
+    exactly that many steps, the rate then decaying geometrically to ``final_lr_fraction * lr``.
+    Without, it decays on plateaus: whenever :func:`has_converged` says a ``window`` of steps did
+    not improve on the one before, the rate is multiplied by ``plateau_factor``, and fitting stops
+    at the ``num_plateaus``-th plateau (or at ``max_steps``). Gradients are clipped to norm
+    ``clip_norm`` (Pyro's ``ClippedAdam``).
 
     If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
     restored and :class:`FittingError` names the step.
@@ -70,9 +75,16 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     budget = num_steps if num_steps is not None else max_steps
-    decay = final_lr_fraction ** (1 / budget)
-    optimizer = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": clip_norm, "lrd": decay})
+    optimizer = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": clip_norm})
     svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles=num_particles, vectorize_particles=True))
+    plateaus, last_plateau = 0, 0
+
+    def learning_rate(step):
+        warm = min(1.0, (step + 1) / warmup_steps)
+        if num_steps is not None:
+            return lr * warm * final_lr_fraction ** (max(step - warmup_steps, 0) / max(num_steps - warmup_steps, 1))
+        return lr * warm * plateau_factor**plateaus
+
     result = FitResult()
     start = time.perf_counter()
     # Parameters before the previous step and before this one: a step whose loss is finite can
@@ -87,6 +99,9 @@ def fit(
             with torch.no_grad():
                 for name, value in store.named_parameters():
                     before_this.setdefault(name, torch.empty_like(value)).copy_(value)
+            for step_optimizer in optimizer.optim_objs.values():
+                for group in step_optimizer.param_groups:
+                    group["lr"] = learning_rate(step)
             try:
                 loss = svi.step(*args, **kwargs)
             except ValueError as error:
@@ -111,10 +126,13 @@ def fit(
             bar.update()
             if step % 50 == 0:
                 recent = result.losses[-50:]
-                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}")
-            if num_steps is None and step % window == 0 and has_converged(result.losses, window):
-                result.stop_reason = f"converged: no ELBO improvement over the last {window} steps"
-                break
+                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}", lr=f"{learning_rate(step):.2g}")
+            fresh = step + 1 - last_plateau >= 2 * window  # two windows since the rate last changed
+            if num_steps is None and fresh and (step + 1) % window == 0 and has_converged(result.losses, window):
+                plateaus, last_plateau = plateaus + 1, step + 1
+                if plateaus == num_plateaus:
+                    result.stop_reason = f"converged: {num_plateaus} plateaus of {window} steps"
+                    break
         else:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
