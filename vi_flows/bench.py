@@ -155,8 +155,10 @@ def fitting(targets=KNOWN_LOG_Z, seed=0):
             for _ in range(5000):
                 svi.step()
             seconds = time.perf_counter() - start
-            draws = Predictive(module.model, guide=guide, num_samples=20000, return_sites=list(reference_moments(module)))()
-            draws = {name: value.reshape((20000,) + value.shape[2:]) for name, value in draws.items()}
+            reference = reference_moments(module)
+            draws = Predictive(module.model, guide=guide, num_samples=20000, return_sites=list(reference))()
+            # Predictive keeps singleton plate dimensions: reshape to (draws, *site shape).
+            draws = {name: value.reshape((20000,) + reference[name][0].shape) for name, value in draws.items()}
             rows.append(("Pyro AutoMultivariateNormal, 5000 x Adam 5e-3", *_errors(draws, module), 5000, seconds))
         except Exception as failure:  # a benchmark row records a failing method and goes on
             rows.append((f"Pyro AutoMultivariateNormal: fails ({type(failure).__name__})", math.nan, math.nan, 0, math.nan))
