@@ -15,3 +15,13 @@ def test_kl_table_reports_pyro_failures_without_stopping(capsys):
     assert len(rows) == len(bench.SPECS)
     # Pyro's autoguides cannot initialise ImproperUniform sites; ours can.
     assert all("fails: NotImplementedError" in row and row.split()[2] != "fails:" for row in rows)
+
+
+def test_fit_table_runs_every_method(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_default_fit", lambda module, seed: ({"x": module.sample_posterior(100)["x"]}, 1, 0.0))
+    bench.fitting(targets=("gaussian_mixture",))
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 3
+    # Neither Pyro's autoguides nor its NUTS can initialise ImproperUniform; the table says so.
+    assert "fails: NotImplementedError" in rows[0] and "fails: NotImplementedError" in rows[2]
+    assert "fails" not in rows[1]
