@@ -1,4 +1,4 @@
-"""Benchmarks against Pyro's own flow guides: ``python -m vi_flows.bench [speed|kl|all]``.
+"""Benchmarks against Pyro's own guides and NUTS: ``python -m vi_flows.bench [speed|kl|fit|choose|all]``.
 
 ``speed`` prints the milliseconds per SVI step (16 vectorised particles) of every family at
 K = 8 layers (IAF at 2) next to Pyro's equivalent, measured interleaved in one run, and the ratio.
@@ -6,6 +6,7 @@ K = 8 layers (IAF at 2) next to Pyro's equivalent, measured interleaved in one r
 and prints KL(q || p) = log Z - ELBO (ELBO from 4096 draws, with its standard error).
 ``fit`` compares the default ``fit(model, AutoFlow(model))`` with a fixed-budget loop on Pyro's
 full-rank guide and with Pyro's NUTS, by their moment errors against the exact posterior.
+``choose`` fits candidate default flows with the default ``fit`` and prints their KL.
 """
 
 import argparse
@@ -186,9 +187,28 @@ def fitting(targets=KNOWN_LOG_Z, seed=0):
             print(f"{target:<20} {method:<46} {mean_error:>9.3f} {sd_error:>7.3f} {steps:>6} {seconds:>8.1f}", flush=True)
 
 
+CANDIDATE_FLOWS = (*SPECS.values(), "householder*8", "iaf*4", "iaf*2+planar*8", "planar*8+iaf*2")
+
+
+def choose(specs=CANDIDATE_FLOWS, targets=("banana", "funnel", "gaussian_mixture"), seed=0):
+    """KL of ``fit(model, AutoFlow(model, flow=spec))`` for candidate default flows."""
+    print("KL(q || p) after the default fit (no lr or step count), ELBO from 4096 draws")
+    print(f"{'flow':<32} " + " ".join(f"{target:>18}" for target in targets))
+    for spec in specs:
+        cells = []
+        for target in targets:
+            module = importlib.import_module(f"vi_flows.models.{target}")
+            pyro.clear_param_store()
+            guide = AutoFlow(module.model, flow=spec)
+            fit(module.model, guide, seed=seed, progress=False)
+            value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
+            cells.append(f"{module.LOG_Z - value:.3f} +- {error:.3f}")
+        print(f"{spec:<32} " + " ".join(f"{cell:>18}" for cell in cells), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vi_flows.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["speed", "kl", "fit", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["speed", "kl", "fit", "choose", "all"])
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps per fit in the KL table")
     args = parser.parse_args(argv)
     if args.which in ("speed", "all"):
@@ -197,6 +217,8 @@ def main(argv=None):
         kl(steps=args.steps)
     if args.which in ("fit", "all"):
         fitting()
+    if args.which in ("choose", "all"):
+        choose()
 
 
 if __name__ == "__main__":
