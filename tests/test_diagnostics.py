@@ -6,7 +6,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from vi_flows.diagnostics import elbo_estimate, log_importance_weights, moment_errors, worst_moment_errors
+from vi_flows.diagnostics import (
+    elbo_estimate,
+    iw_elbo,
+    khat_reading,
+    log_importance_weights,
+    moment_errors,
+    psis_khat,
+    worst_moment_errors,
+)
 
 
 def test_moment_errors_of_shifted_and_scaled_draws():
@@ -32,3 +40,25 @@ def test_elbo_of_the_exact_posterior_is_log_z_with_zero_spread():
 
     value, error = elbo_estimate(log_importance_weights(model, guide, num_samples=1000))
     assert abs(value - math.log(3.0)) < 1e-5 and error < 1e-5
+
+
+def _log_weights_of_normal_guide(guide_scale, num_samples=4000):
+    """Target N(0, 1) with log Z = 0; guide N(0, guide_scale)."""
+    draws = guide_scale * torch.randn(num_samples, generator=torch.Generator().manual_seed(0))
+    return dist.Normal(0.0, 1.0).log_prob(draws) - dist.Normal(0.0, guide_scale).log_prob(draws)
+
+
+def test_khat_is_small_for_the_exact_guide_and_large_for_a_narrow_one():
+    assert psis_khat(_log_weights_of_normal_guide(1.0)) < 0.5
+    assert psis_khat(_log_weights_of_normal_guide(1.2)) < 0.5  # a wider guide is a safe proposal
+    assert psis_khat(_log_weights_of_normal_guide(0.4)) > 0.7
+    assert khat_reading(0.3) == "good" and khat_reading(0.6) == "usable" and khat_reading(0.9) == "do not trust"
+
+
+def test_iw_elbo_increases_with_draws_and_approaches_log_z():
+    log_weights = _log_weights_of_normal_guide(0.7, num_samples=100000)
+    elbo = log_weights.mean().item()
+    bounds = [sum(iw_elbo(chunk) for chunk in log_weights.split(k)) / (100000 // k) for k in (1, 10, 100, 10000)]
+    assert abs(bounds[0] - elbo) < 1e-5
+    assert all(a < b for a, b in zip(bounds, bounds[1:]))
+    assert elbo < -0.05 and abs(bounds[-1]) < 0.01

@@ -52,3 +52,27 @@ def worst_moment_errors(errors):
     worst_mean = max(mean_error.max().item() for mean_error, _ in errors.values())
     worst_sd = max((sd_ratio - 1).abs().max().item() for _, sd_ratio in errors.values())
     return worst_mean, worst_sd
+
+
+def iw_elbo(log_weights):
+    """The importance-weighted bound log mean(exp(log w)) over all draws: a log-evidence estimate
+    that tightens towards log Z as the number of draws grows (Burda et al., 2016)."""
+    return (log_weights.logsumexp(0) - math.log(log_weights.shape[0])).item()
+
+
+def psis_khat(log_weights):
+    """Pareto k-hat of the importance ratios (Yao et al., 2018), from ArviZ's ``psislw``.
+
+    Below 0.5 the guide is good as a proposal, 0.5-0.7 usable, above 0.7 not to be trusted.
+    """
+    import arviz
+
+    if (log_weights.max() - log_weights.min()).item() < 1e-9:
+        return -math.inf  # q = p: constant weights, which ArviZ's tail fit reports as inf
+    _, khat = arviz.psislw(log_weights.double().cpu().numpy())
+    return float(khat)
+
+
+def khat_reading(khat):
+    """The usual reading of a k-hat value."""
+    return "good" if khat < 0.5 else "usable" if khat < 0.7 else "do not trust"
