@@ -1,5 +1,6 @@
 """vi-flows: normalizing-flow variational posteriors for Pyro models."""
 
+from .compare import CompareResult, compare
 from .fitting import FitResult, FittingError, fit
 from .flows import (
     IAF,
@@ -11,7 +12,7 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
-from .guides import AutoFlow, transform_fn
+from .guides import AutoFlow, sample_constrained, transform_fn
 from .registry import (
     available_flows,
     build_flow,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoFlow",
+    "CompareResult",
     "FitResult",
     "FittingError",
     "FlowTransform",
@@ -37,10 +39,12 @@ __all__ = [
     "TriangularSylvester",
     "available_flows",
     "build_flow",
+    "compare",
     "fit",
     "flow_aliases",
     "get_flow",
     "parse_spec",
     "register_flow",
+    "sample_constrained",
     "transform_fn",
 ]

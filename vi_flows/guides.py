@@ -101,6 +101,25 @@ def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
     return laplace
 
 
+@torch.no_grad()
+def sample_constrained(guide, num_samples, *args, **kwargs):
+    """Draw ``num_samples`` from any Pyro ``AutoContinuous`` guide, in the model's constrained space.
+
+    Returns ``{site: tensor of shape (num_samples, *site_shape)}``. Unlike ``Predictive`` this never
+    runs the model, so it works for models with ``ImproperUniform`` sites.
+    """
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    latent = guide.get_posterior(*args, **kwargs).sample((num_samples,))
+    # Pyro unpacks draws that sit left of every plate dimension.
+    plate_depth = max((-frame.dim for frame in guide._prototype_frames.values()), default=0)
+    latent = latent.reshape((num_samples,) + (1,) * plate_depth + latent.shape[-1:])
+    return {
+        site["name"]: biject_to(site["fn"].support)(unconstrained).reshape((num_samples,) + site["value"].shape)
+        for site, unconstrained in guide._unpack_latent(latent)
+    }
+
+
 def _nan_as_minus_inf(value):
     return -math.inf if math.isnan(value) else value
 
@@ -266,19 +285,9 @@ class AutoFlow(AutoContinuous):
         )
         return ComposeTransform(parts)
 
-    @torch.no_grad()
     def sample_constrained(self, num_samples, *args, **kwargs):
         """Draw ``num_samples`` from the guide: ``{site: tensor of shape (num_samples, *site_shape)}``."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        # Pyro unpacks draws that sit left of every plate dimension.
-        plate_depth = max((-frame.dim for frame in self._prototype_frames.values()), default=0)
-        latent = latent.reshape((num_samples,) + (1,) * plate_depth + latent.shape[-1:])
-        return {
-            site["name"]: biject_to(site["fn"].support)(unconstrained).reshape((num_samples,) + site["value"].shape)
-            for site, unconstrained in self._unpack_latent(latent)
-        }
+        return sample_constrained(self, num_samples, *args, **kwargs)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs):

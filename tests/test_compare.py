@@ -1,0 +1,69 @@
+"""compare(), the zoo loader and the ``vi-flows compare`` / ``vi-flows models`` commands."""
+
+import pytest
+
+from vi_flows.cli import main
+from vi_flows.compare import compare
+from vi_flows.models import banana, gaussian_mixture
+from vi_flows.zoo import list_models, load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_compare_scores_every_guide_against_the_reference():
+    result = compare(
+        banana.model,
+        guides=("meanfield", "planar*2"),
+        reference=banana.sample_posterior(2000),
+        log_z=banana.LOG_Z,
+        num_steps=30,
+        num_draws=500,
+        quiet=True,
+    )
+    table = result.table
+    assert list(table.index) == ["meanfield", "planar*2"] and not result.errors
+    assert (table["kl"] > -3 * table["elbo_se"]).all()
+    assert (table["iw_elbo"] >= table["elbo"]).all()
+    assert (table["sd_ratio_min"] <= table["sd_ratio_max"]).all() and (table["worst_mean_error"] > 0).all()
+    assert set(result.fits) == set(result.guides) == {"meanfield", "planar*2"}
+
+
+def test_a_failing_guide_is_recorded_and_the_others_still_run():
+    result = compare(gaussian_mixture.model, guides=("meanfield", "planar*2"), reference=None, num_steps=5, num_draws=200, quiet=True)
+    assert set(result.errors) == {"meanfield"}  # Pyro's autoguides cannot initialise ImproperUniform
+    assert result.table.loc["meanfield"].isna().all() and result.table.loc["planar*2", "elbo"] < 0
+
+
+def test_cli_compare_writes_the_table_and_plots(tmp_path, capsys):
+    code = main(["compare", "banana", "--guides", "meanfield", "planar*2", "--steps", "20", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "meanfield" in out and "planar*2" in out and "khat" in out
+    for name in ("table.csv", "table.md", "elbo_traces.png", "khat.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "table.md").read_text().count("\n") == 4  # header, rule, two guides
+
+
+def test_cli_reports_an_unknown_model_clearly(capsys):
+    assert main(["compare", "no_such_model", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown model 'no_such_model'" in error and "funnel" in error and "path/to/file.py:function" in error
+
+
+def test_models_are_listed_with_descriptions(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert name in out
+    assert {"banana", "funnel", "gaussian_mixture", "regression_scaled", "autoregression"} <= set(list_models())
+
+
+def test_load_model_from_a_user_file(tmp_path):
+    path = tmp_path / "my_model.py"
+    path.write_text("import pyro, pyro.distributions as dist\ndef model():\n    pyro.sample('x', dist.Normal(0., 1.))\nLOG_Z = 0.0\n")
+    source = load_model(f"{path}:model")
+    assert callable(source.model) and source.LOG_Z == 0.0 and source.sample_posterior is None
+    with pytest.raises(ValueError, match="defines no function 'missing'"):
+        load_model(f"{path}:missing")
+    with pytest.raises(ValueError, match="no model file"):
+        load_model(f"{tmp_path}/absent.py:model")

@@ -1,0 +1,132 @@
+"""``compare``: fit several guides to one model and score each against a reference posterior."""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
+
+from .diagnostics import (
+    elbo_estimate,
+    iw_elbo,
+    khat_reading,
+    log_importance_weights,
+    moment_errors,
+    psis_khat,
+    worst_moment_errors,
+)
+from .fitting import fit
+from .guides import DEFAULT_FLOW, AutoFlow, sample_constrained
+
+DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
+
+
+def make_guide(name, model):
+    """``"meanfield"`` and ``"fullrank"`` are Pyro's Gaussian autoguides; any other name is a flow spec."""
+    if name == "meanfield":
+        return AutoDiagonalNormal(model)
+    if name == "fullrank":
+        return AutoMultivariateNormal(model)
+    return AutoFlow(model, flow=name)
+
+
+def nuts_reference(model, *args, num_samples=1000, warmup_steps=1000, seed=0, quiet=False, **kwargs):
+    """Posterior draws ``{site: (num_samples, *site_shape)}`` from one chain of Pyro's NUTS."""
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
+    mcmc.run(*args, **kwargs)
+    return mcmc.get_samples()
+
+
+@dataclass
+class CompareResult:
+    """``table`` (a pandas DataFrame, one row per guide), the fitted ``guides``, their ``fits``
+    (:class:`~vi_flows.FitResult`), the ``reference`` draws and ``errors`` of guides that failed."""
+
+    table: object
+    guides: dict = field(default_factory=dict)
+    fits: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+
+
+def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
+    log_weights = log_importance_weights(model, guide, *args, num_samples=num_draws, **kwargs)
+    elbo, elbo_se = elbo_estimate(log_weights)
+    khat = psis_khat(log_weights)
+    row = {
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "iw_elbo": iw_elbo(log_weights),
+        "khat": khat,
+        "khat_reading": khat_reading(khat),
+        "kl": log_z - elbo if log_z is not None else math.nan,
+        "worst_mean_error": math.nan,
+        "sd_ratio_min": math.nan,
+        "sd_ratio_max": math.nan,
+        "steps": result.num_steps,
+        "fit_seconds": result.seconds,
+        "ms_per_step": 1e3 * result.seconds / max(result.num_steps, 1),
+    }
+    if reference:
+        draws = sample_constrained(guide, num_draws, *args, **kwargs)
+        moments = {name: (values.mean(0), values.std(0)) for name, values in reference.items() if name in draws}
+        errors = moment_errors(draws, moments)
+        row["worst_mean_error"] = worst_moment_errors(errors)[0]
+        ratios = torch.cat([ratio.reshape(-1) for _, ratio in errors.values()])
+        row["sd_ratio_min"], row["sd_ratio_max"] = ratios.min().item(), ratios.max().item()
+    return row
+
+
+def compare(
+    model,
+    *args,
+    guides=DEFAULT_GUIDES,
+    reference="nuts",
+    log_z=None,
+    num_steps=None,
+    seed=0,
+    num_draws=4096,
+    quiet=False,
+    **kwargs,
+):
+    """Fit each guide with :func:`vi_flows.fit` on the same budget and seed, and score it.
+
+    :param guides: names: ``"meanfield"``, ``"fullrank"`` or any flow spec.
+    :param reference: ``"nuts"`` (run Pyro's NUTS), ``None``, or draws ``{site: (N, *site_shape)}``.
+    :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
+    :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
+    :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
+        IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error and the
+        range of sd ratios against the reference (constrained space), and fit time. A guide that
+        fails gets a row of NaNs and its error in ``errors``; the others go on.
+    """
+    import pandas
+
+    if isinstance(reference, str):
+        if reference != "nuts":
+            raise ValueError(f"reference must be 'nuts', None or a dict of draws, got {reference!r}")
+        start = time.perf_counter()
+        reference = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
+        if not quiet:
+            print(f"NUTS reference: {time.perf_counter() - start:.1f} s")
+    result = CompareResult(table=None, reference=reference or {})
+    rows = []
+    for name in guides:
+        pyro.clear_param_store()
+        guide = make_guide(name, model)
+        try:
+            fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
+            row = _score(model, guide, fitted, result.reference, log_z, num_draws, args, kwargs)
+            result.guides[name], result.fits[name] = guide, fitted
+        except Exception as failure:  # one guide failing must not lose the others' results
+            result.errors[name] = failure
+            row = {}
+            if not quiet:
+                print(f"{name}: failed: {type(failure).__name__}: {failure}".split("\n")[0])
+        rows.append({"guide": name, **row})
+    result.table = pandas.DataFrame(rows).set_index("guide")
+    return result
