@@ -1,10 +1,10 @@
 """compare(), the zoo loader and the ``vi-flows compare`` / ``vi-flows models`` commands."""
 
 import pytest
+from vi_flows.models import banana, gaussian_mixture
 
 from vi_flows.cli import main
 from vi_flows.compare import compare
-from vi_flows.models import banana, gaussian_mixture
 from vi_flows.zoo import list_models, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -6,10 +6,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from vi_flows.models import reference_moments
 
 from vi_flows import AutoFlow, FittingError, fit
 from vi_flows.diagnostics import moment_errors, worst_moment_errors
-from vi_flows.models import reference_moments
 from vi_flows.fitting import has_converged
 
 

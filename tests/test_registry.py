@@ -7,7 +7,16 @@ import pytest
 import torch
 from pyro.distributions.transforms import ComposeTransformModule
 
-from vi_flows import IAF, Householder, HouseholderSylvester, Planar, available_flows, build_flow, parse_spec, register_flow
+from vi_flows import (
+    IAF,
+    Householder,
+    HouseholderSylvester,
+    Planar,
+    available_flows,
+    build_flow,
+    parse_spec,
+    register_flow,
+)
 from vi_flows.cli import main
 
 

@@ -96,7 +96,8 @@ def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
             if not all(torch.isfinite(part).all() for part in laplace):
                 raise ValueError("the Laplace covariance is not finite")
         except (ValueError, RuntimeError) as failure:  # cholesky raises RuntimeError subclasses
-            warnings.warn(f"Laplace initialisation failed ({failure}); starting from the prior point instead.")
+            reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+            warnings.warn(f"Laplace initialisation failed ({reason}); starting from the prior point instead.")
             return None
     return laplace
 
