@@ -1,5 +1,6 @@
 """vi-flows: normalizing-flow variational posteriors for Pyro models."""
 
+from .arviz_export import to_inference_data
 from .compare import CompareResult, compare
 from .fitting import FitResult, FittingError, fit
 from .flows import (
@@ -46,5 +47,6 @@ __all__ = [
     "parse_spec",
     "register_flow",
     "sample_constrained",
+    "to_inference_data",
     "transform_fn",
 ]

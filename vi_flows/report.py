@@ -1,9 +1,11 @@
 """The ``vi-flows compare`` job: run :func:`vi_flows.compare` on a model and write its results."""
 
+import re
 from pathlib import Path
 
 import torch
 
+from .arviz_export import to_inference_data
 from .compare import compare
 from .zoo import load_model
 
@@ -90,7 +92,8 @@ def plot_khat(result, path):
 
 def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quiet=False, seed=0, num_draws=4096):
     """Fit ``guides`` to a zoo model (or ``path.py:function``), print the table and write
-    ``table.csv``, ``table.md``, ``elbo_traces.png`` and ``khat.png`` to ``out``."""
+    ``table.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png`` and one ArviZ netCDF file per
+    fitted guide to ``out``."""
     source = load_model(model_spec)
     sample_posterior = getattr(source, "sample_posterior", None)
     reference = sample_posterior(num_draws) if sample_posterior is not None else "nuts"
@@ -115,7 +118,15 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     (out / "table.md").write_text(markdown(rows))
     plot_elbo_traces(result, out / "elbo_traces.png")
     plot_khat(result, out / "khat.png")
+    written = ["table.csv", "table.md", "elbo_traces.png", "khat.png"]
+    for name, guide in result.guides.items():
+        filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
+        try:
+            to_inference_data(guide, source.model, num_samples=1000).to_netcdf(out / filename)
+            written.append(filename)
+        except Exception as error:  # the table and plots are already written; say what is missing
+            print(f"{name}: no InferenceData written ({type(error).__name__}: {str(error).splitlines()[0]})")
     for name, error in result.errors.items():
         print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-    print(f"wrote {out}/table.csv, table.md, elbo_traces.png, khat.png")
+    print(f"wrote {', '.join(written)} to {out}/")
     return result

@@ -1,0 +1,57 @@
+"""ArviZ export of a fitted guide: groups, shapes, plate dims, and consistency of the statistics."""
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from vi_flows import AutoFlow, fit
+from vi_flows.arviz_export import to_inference_data
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SIGMA = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+Y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+
+
+def eight_schools(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("school", 8):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, SIGMA), obs=y)
+
+
+@pytest.fixture(scope="module")
+def idata():
+    pyro.clear_param_store()
+    guide = AutoFlow(eight_schools, flow="planar*2")
+    fit(eight_schools, guide, Y, num_steps=200, progress=False, seed=0)
+    return to_inference_data(guide, eight_schools, Y, num_samples=300)
+
+
+def test_groups_shapes_and_plate_dims(idata):
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= set(idata.groups())
+    assert idata.posterior["mu"].shape == (1, 300) and idata.posterior["theta"].dims == ("chain", "draw", "school")
+    assert (idata.posterior["tau"] > 0).all()
+    assert idata.log_likelihood["obs"].dims == ("chain", "draw", "school")
+    np.testing.assert_allclose(idata.observed_data["obs"].values, Y.numpy())
+
+
+def test_statistics_are_consistent(idata):
+    stats = idata.sample_stats
+    np.testing.assert_allclose(stats["log_weight"], stats["log_p"] - stats["log_q"], rtol=1e-5, atol=1e-4)
+    # The pointwise log likelihood is the observation model at the exported draws.
+    theta = torch.as_tensor(idata.posterior["theta"].values[0])
+    expected = dist.Normal(theta, SIGMA).log_prob(Y).numpy()
+    np.testing.assert_allclose(idata.log_likelihood["obs"].values[0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_arviz_functions_accept_it(idata, tmp_path):
+    assert np.isfinite(az.loo(idata).elpd_loo)
+    summary = az.summary(idata, var_names=["mu", "tau"], kind="stats")
+    assert list(summary.index) == ["mu", "tau"]
+    idata.to_netcdf(tmp_path / "guide.nc")
+    assert az.from_netcdf(tmp_path / "guide.nc").posterior["theta"].shape == (1, 300, 8)
