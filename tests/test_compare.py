@@ -7,7 +7,7 @@ from vi_flows.cli import main
 from vi_flows.compare import compare
 from vi_flows.zoo import list_models, load_model
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 
 
 def test_compare_scores_every_guide_against_the_reference():
@@ -67,3 +67,38 @@ def test_load_model_from_a_user_file(tmp_path):
         load_model(f"{path}:missing")
     with pytest.raises(ValueError, match="no model file"):
         load_model(f"{tmp_path}/absent.py:model")
+
+
+def _two_d_normal(location):
+    def model():
+        import pyro
+        import pyro.distributions as dist
+        import torch
+
+        pyro.sample("x", dist.Normal(torch.full((2,), location), 1.0).to_event(1))
+
+    return model
+
+
+def test_nuts_reference_reports_convergence_and_is_cached(tmp_path):
+    import torch
+
+    from vi_flows.compare import nuts_reference
+
+    model = _two_d_normal(0.0)
+    draws, report = nuts_reference(model, num_samples=150, warmup_steps=150, quiet=True, cache_dir=tmp_path)
+    assert draws["x"].shape == (300, 2) and report["converged"] and not report["cached"]
+    assert report["worst_rhat"] < 1.05 and report["smallest_ess"] > 100
+    again, report_again = nuts_reference(model, num_samples=150, warmup_steps=150, quiet=True, cache_dir=tmp_path)
+    assert report_again["cached"] and torch.equal(again["x"], draws["x"])
+    # Other settings are another key: no stale reference.
+    _, other = nuts_reference(model, num_samples=120, warmup_steps=150, quiet=True, cache_dir=tmp_path)
+    assert not other["cached"]
+
+
+def test_nuts_reference_warns_when_it_did_not_converge(tmp_path):
+    from vi_flows.compare import nuts_reference
+
+    with pytest.warns(UserWarning, match="may not have converged"):
+        _, report = nuts_reference(_two_d_normal(1.0), num_samples=10, warmup_steps=10, quiet=True, cache_dir=tmp_path)
+    assert not report["converged"]

@@ -1,8 +1,13 @@
 """``compare``: fit several guides to one model and score each against a reference posterior."""
 
+import hashlib
+import inspect
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyro
 import torch
@@ -33,12 +38,70 @@ def make_guide(name, model):
     return AutoFlow(model, flow=name)
 
 
-def nuts_reference(model, *args, num_samples=1000, warmup_steps=1000, seed=0, quiet=False, **kwargs):
-    """Posterior draws ``{site: (num_samples, *site_shape)}`` from one chain of Pyro's NUTS."""
-    pyro.set_rng_seed(seed)
-    mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
-    mcmc.run(*args, **kwargs)
-    return mcmc.get_samples()
+def _cache_key(model, args, kwargs, settings):
+    """Hash of the model's source, its data and the sampler settings: a changed model or data set
+    never reuses a stale reference."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(inspect.getsource(model).encode())
+    except (OSError, TypeError):  # no source (a lambda in a REPL, a C function): fall back to the name
+        digest.update(repr(model).encode())
+    for value in [*args, *sorted(kwargs.items()), settings]:
+        values = value if isinstance(value, tuple) else (value,)
+        for item in values:
+            digest.update(item.detach().cpu().numpy().tobytes() if torch.is_tensor(item) else repr(item).encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir():
+    return Path(os.environ.get("VI_FLOWS_CACHE", Path.home() / ".cache" / "vi-flows"))
+
+
+def nuts_reference(
+    model, *args, num_chains=2, num_samples=1000, warmup_steps=1000, seed=0, cache_dir=None, quiet=False, **kwargs
+):
+    """Posterior draws ``{site: (num_chains * num_samples, *site_shape)}`` from Pyro's NUTS, with a report.
+
+    Chains run one after another (seeds ``seed``, ``seed + 1``, ...). Draws are cached on disk under
+    ``cache_dir`` (default ``$VI_FLOWS_CACHE`` or ``~/.cache/vi-flows``) keyed by the model's source,
+    its arguments and these settings. Returns ``(draws, report)``; ``report`` has the worst R-hat and
+    the smallest bulk ESS over all parameters (ArviZ) and ``converged`` (R-hat < 1.05, ESS > 100);
+    a reference that did not converge is returned all the same, with a warning.
+    """
+    import arviz
+
+    settings = (num_chains, num_samples, warmup_steps, seed)
+    path = Path(cache_dir or default_cache_dir()) / f"nuts-{_cache_key(model, args, kwargs, settings)}.pt"
+    if path.exists():
+        draws, report = torch.load(path)
+        return draws, {**report, "cached": True}
+    chains = []
+    start = time.perf_counter()
+    for chain in range(num_chains):
+        pyro.set_rng_seed(seed + chain)
+        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
+        mcmc.run(*args, **kwargs)
+        chains.append(mcmc.get_samples())
+    by_chain = {name: torch.stack([chain[name] for chain in chains]) for name in chains[0]}
+    posterior = arviz.from_dict(posterior={name: value.cpu().numpy() for name, value in by_chain.items()})
+    worst_rhat = float(arviz.rhat(posterior).to_array().max()) if num_chains > 1 else math.nan
+    smallest_ess = float(arviz.ess(posterior).to_array().min())
+    report = {
+        "seconds": time.perf_counter() - start,
+        "worst_rhat": worst_rhat,
+        "smallest_ess": smallest_ess,
+        "converged": bool(smallest_ess > 100 and not worst_rhat >= 1.05),
+        "cached": False,
+    }
+    if not report["converged"]:
+        warnings.warn(
+            f"the NUTS reference may not have converged (worst R-hat {worst_rhat:.3f}, smallest bulk ESS "
+            f"{smallest_ess:.0f}); moment errors against it are unreliable. Run longer chains or reparametrise the model."
+        )
+    draws = {name: value.reshape((-1,) + value.shape[2:]) for name, value in by_chain.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save((draws, report), path)
+    return draws, report
 
 
 @dataclass
@@ -96,7 +159,8 @@ def compare(
     """Fit each guide with :func:`vi_flows.fit` on the same budget and seed, and score it.
 
     :param guides: names: ``"meanfield"``, ``"fullrank"`` or any flow spec.
-    :param reference: ``"nuts"`` (run Pyro's NUTS), ``None``, or draws ``{site: (N, *site_shape)}``.
+    :param reference: ``"nuts"`` (:func:`nuts_reference`: Pyro's NUTS, cached), ``None``, or the
+        user's own draws ``{site: (N, *site_shape)}``.
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
     :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
     :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
@@ -109,10 +173,12 @@ def compare(
     if isinstance(reference, str):
         if reference != "nuts":
             raise ValueError(f"reference must be 'nuts', None or a dict of draws, got {reference!r}")
-        start = time.perf_counter()
-        reference = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
+        reference, report = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
         if not quiet:
-            print(f"NUTS reference: {time.perf_counter() - start:.1f} s")
+            source = "from the cache" if report["cached"] else f"in {report['seconds']:.1f} s"
+            print(
+                f"NUTS reference {source}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}"
+            )
     result = CompareResult(table=None, reference=reference or {})
     rows = []
     for name in guides:
