@@ -26,6 +26,9 @@ def test_compare_scores_every_guide_against_the_reference():
     assert (table["iw_elbo"] >= table["elbo"]).all()
     assert (table["sd_ratio_min"] <= table["sd_ratio_max"]).all() and (table["worst_mean_error"] > 0).all()
     assert set(result.fits) == set(result.guides) == {"meanfield", "planar*2"}
+    parameters = result.parameters.set_index(["guide", "parameter"])
+    assert len(parameters) == 4 and parameters.loc[("meanfield", "x2"), "sd_ratio"] > 0
+    assert (parameters["wasserstein"] >= 0).all()
 
 
 def test_a_failing_guide_is_recorded_and_the_others_still_run():
@@ -39,7 +42,7 @@ def test_cli_compare_writes_the_table_and_plots(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "meanfield" in out and "planar*2" in out and "khat" in out
-    for name in ("table.csv", "table.md", "elbo_traces.png", "khat.png", "meanfield.nc", "planar_2.nc"):
+    for name in ("table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png", "meanfield.nc", "planar_2.nc"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "table.md").read_text().count("\n") == 4  # header, rule, two guides
 

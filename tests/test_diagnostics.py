@@ -13,6 +13,7 @@ from vi_flows.diagnostics import (
     log_importance_weights,
     moment_errors,
     psis_khat,
+    wasserstein_1d,
     worst_moment_errors,
 )
 
@@ -62,3 +63,11 @@ def test_iw_elbo_increases_with_draws_and_approaches_log_z():
     assert abs(bounds[0] - elbo) < 1e-5
     assert all(a < b for a, b in zip(bounds, bounds[1:]))
     assert elbo < -0.05 and abs(bounds[-1]) < 0.01
+
+
+def test_wasserstein_of_a_shift_is_the_shift():
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(50000, 2, generator=generator)
+    b = torch.randn(40000, 2, generator=generator) + torch.tensor([0.0, 0.7])
+    distance = wasserstein_1d(a, b)
+    assert distance[0] < 0.03 and abs(distance[1] - 0.7) < 0.03

@@ -21,6 +21,7 @@ from .diagnostics import (
     log_importance_weights,
     moment_errors,
     psis_khat,
+    wasserstein_1d,
     worst_moment_errors,
 )
 from .fitting import fit
@@ -106,10 +107,13 @@ def nuts_reference(
 
 @dataclass
 class CompareResult:
-    """``table`` (a pandas DataFrame, one row per guide), the fitted ``guides``, their ``fits``
-    (:class:`~vi_flows.FitResult`), the ``reference`` draws and ``errors`` of guides that failed."""
+    """``table`` (a pandas DataFrame, one row per guide), ``parameters`` (one row per guide and
+    scalar parameter: standardised mean error, sd ratio and 1-D Wasserstein distance in reference
+    sds), the fitted ``guides``, their ``fits`` (:class:`~vi_flows.FitResult`), the ``reference``
+    draws and ``errors`` of guides that failed."""
 
     table: object
+    parameters: object = None
     guides: dict = field(default_factory=dict)
     fits: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
@@ -134,6 +138,7 @@ def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
         "fit_seconds": result.seconds,
         "ms_per_step": 1e3 * result.seconds / max(result.num_steps, 1),
     }
+    parameters = []
     if reference:
         draws = sample_constrained(guide, num_draws, *args, **kwargs)
         moments = {name: (values.mean(0), values.std(0)) for name, values in reference.items() if name in draws}
@@ -141,7 +146,18 @@ def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
         row["worst_mean_error"] = worst_moment_errors(errors)[0]
         ratios = torch.cat([ratio.reshape(-1) for _, ratio in errors.values()])
         row["sd_ratio_min"], row["sd_ratio_max"] = ratios.min().item(), ratios.max().item()
-    return row
+        for name, (mean_error, sd_ratio) in errors.items():
+            distance = wasserstein_1d(draws[name], reference[name]) / moments[name][1]
+            for index in range(mean_error.numel()):
+                parameters.append(
+                    {
+                        "parameter": name if mean_error.dim() == 0 else f"{name}[{index}]",
+                        "mean_error": mean_error.reshape(-1)[index].item(),
+                        "sd_ratio": sd_ratio.reshape(-1)[index].item(),
+                        "wasserstein": distance.reshape(-1)[index].item(),
+                    }
+                )
+    return row, parameters
 
 
 def compare(
@@ -180,14 +196,15 @@ def compare(
                 f"NUTS reference {source}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}"
             )
     result = CompareResult(table=None, reference=reference or {})
-    rows = []
+    rows, per_parameter = [], []
     for name in guides:
         pyro.clear_param_store()
         guide = make_guide(name, model)
         try:
             fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
-            row = _score(model, guide, fitted, result.reference, log_z, num_draws, args, kwargs)
+            row, parameters = _score(model, guide, fitted, result.reference, log_z, num_draws, args, kwargs)
             result.guides[name], result.fits[name] = guide, fitted
+            per_parameter.extend({"guide": name, **entry} for entry in parameters)
         except Exception as failure:  # one guide failing must not lose the others' results
             result.errors[name] = failure
             row = {}
@@ -195,4 +212,5 @@ def compare(
                 print(f"{name}: failed: {type(failure).__name__}: {failure}".split("\n")[0])
         rows.append({"guide": name, **row})
     result.table = pandas.DataFrame(rows).set_index("guide")
+    result.parameters = pandas.DataFrame(per_parameter, columns=["guide", "parameter", "mean_error", "sd_ratio", "wasserstein"])
     return result

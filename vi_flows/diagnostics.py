@@ -76,3 +76,15 @@ def psis_khat(log_weights):
 def khat_reading(khat):
     """The usual reading of a k-hat value."""
     return "good" if khat < 0.5 else "usable" if khat < 0.7 else "do not trust"
+
+
+def wasserstein_1d(draws, reference, num_quantiles=1000):
+    """1-D Wasserstein distance between the marginals of two sets of draws, per element.
+
+    ``draws`` and ``reference`` have shapes ``(N, *shape)`` and ``(M, *shape)``; W1 is the mean
+    absolute difference of their quantile functions on a grid of ``num_quantiles`` levels.
+    """
+    levels = (torch.arange(num_quantiles, dtype=draws.dtype, device=draws.device) + 0.5) / num_quantiles
+    ours = torch.quantile(draws.reshape(draws.shape[0], -1), levels, dim=0)
+    theirs = torch.quantile(reference.reshape(reference.shape[0], -1).to(draws), levels, dim=0)
+    return (ours - theirs).abs().mean(0).reshape(draws.shape[1:])

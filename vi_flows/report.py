@@ -92,7 +92,7 @@ def plot_khat(result, path):
 
 def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quiet=False, seed=0, num_draws=4096):
     """Fit ``guides`` to a zoo model (or ``path.py:function``), print the table and write
-    ``table.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png`` and one ArviZ netCDF file per
+    ``table.csv``, ``parameters.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png`` and one ArviZ netCDF file per
     fitted guide to ``out``."""
     source = load_model(model_spec)
     sample_posterior = getattr(source, "sample_posterior", None)
@@ -115,10 +115,11 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     rows = format_table(result.table)
     print(plain_text(rows))
     result.table.to_csv(out / "table.csv")
+    result.parameters.to_csv(out / "parameters.csv", index=False)
     (out / "table.md").write_text(markdown(rows))
     plot_elbo_traces(result, out / "elbo_traces.png")
     plot_khat(result, out / "khat.png")
-    written = ["table.csv", "table.md", "elbo_traces.png", "khat.png"]
+    written = ["table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png"]
     for name, guide in result.guides.items():
         filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
         try:
