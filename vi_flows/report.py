@@ -127,7 +127,8 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
             written.append(filename)
         except Exception as error:  # the table and plots are already written; say what is missing
             print(f"{name}: no InferenceData written ({type(error).__name__}: {str(error).splitlines()[0]})")
-    for name, error in result.errors.items():
-        print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    if quiet:  # compare() has already said so otherwise
+        for name, error in result.errors.items():
+            print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     print(f"wrote {', '.join(written)} to {out}/")
     return result
