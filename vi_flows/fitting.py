@@ -92,7 +92,7 @@ def fit(
     # parameters step t - 1 started from, the last ones known to give a finite loss.
     before_previous, before_this = {}, {}
     store = pyro.get_param_store()
-    bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step")
+    bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step", mininterval=1.0)
     try:
         for step in range(budget):
             before_previous, before_this = before_this, before_previous
