@@ -1,0 +1,22 @@
+"""A hierarchical normal model with 100 groups: 102 latent dimensions."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+DESCRIPTION = "hierarchical normal, 100 groups x 4 observations (102 latent dimensions; NUTS reference)"
+LOG_Z = None
+NUM_GROUPS, PER_GROUP = 100, 4
+
+_generator = torch.Generator().manual_seed(5)
+_group_means = 1.0 + 0.8 * torch.randn(NUM_GROUPS, generator=_generator)
+DATA = _group_means.unsqueeze(-1) + torch.randn(NUM_GROUPS, PER_GROUP, generator=_generator)
+
+
+def model():
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    with pyro.plate("group", NUM_GROUPS):
+        theta = pyro.sample("theta", dist.Normal(mu.unsqueeze(-1), tau.unsqueeze(-1)))
+        with pyro.plate("observation", PER_GROUP, dim=-2):
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=DATA.T)

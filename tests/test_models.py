@@ -1,0 +1,56 @@
+"""The zoo's exact quantities agree with independent calculations."""
+
+import math
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from vi_flows.models import autoregression, energy_u2, regression_scaled, reference_moments
+from vi_flows.zoo import list_models, load_model
+
+
+def test_energy_u2_log_z_matches_the_closed_form():
+    # z2 | z1 is N(w1(z1), 0.4^2) up to its normaliser, z1 uniform on [-4, 4], prior density 1/64.
+    expected = math.log(8 * 0.4 * math.sqrt(2 * math.pi) / 64)
+    assert abs(energy_u2.LOG_Z - expected) < 1e-4
+
+
+@pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
+def test_conjugate_moments_match_the_exact_sampler(module):
+    torch.manual_seed(0)
+    draws = module.sample_posterior(200000)
+    for name, (mean, sd) in reference_moments(module).items():
+        torch.testing.assert_close(draws[name].mean(0), mean, atol=0.02 * sd.max().item(), rtol=0)
+        torch.testing.assert_close(draws[name].std(0), sd, rtol=0.02, atol=0)
+
+
+@pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
+def test_conjugate_log_z_matches_importance_sampling_from_the_posterior(module):
+    """log Z = log p(x, theta) - log p(theta | x) at any theta: check it at exact draws."""
+    torch.manual_seed(1)
+    draws = module.sample_posterior(5)
+    regression = module._REGRESSION
+    for index in range(5):
+        values = {name: value[index] for name, value in draws.items()}
+        with torch.no_grad():
+            trace = poutine.trace(poutine.condition(regression.model, values)).get_trace()
+        log_joint = trace.log_prob_sum().item()
+        noise_var = values["noise_var"].double()
+        log_posterior = (
+            pyro.distributions.InverseGamma(regression.posterior_shape, regression.posterior_rate).log_prob(noise_var)
+            + pyro.distributions.MultivariateNormal(
+                regression.posterior_mean, covariance_matrix=noise_var * regression.posterior_covariance_factor
+            ).log_prob(values["coefficients"].double())
+        ).item()
+        assert abs(log_joint - log_posterior - module.LOG_Z) < 1e-2
+
+
+def test_every_zoo_model_loads_and_runs():
+    for name in list_models():
+        module = load_model(name)
+        assert module.DESCRIPTION
+        if hasattr(module, "sample_posterior") and module.LOG_Z is not None:
+            draws = module.sample_posterior(10)
+            assert all(value.shape[0] == 10 for value in draws.values())
