@@ -42,7 +42,7 @@ def test_cli_compare_writes_the_table_and_plots(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "meanfield" in out and "planar*2" in out and "khat" in out
-    for name in ("table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png", "meanfield.nc", "planar_2.nc"):
+    for name in ("table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png", "marginals.png", "meanfield.nc", "planar_2.nc"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "table.md").read_text().count("\n") == 4  # header, rule, two guides
 

@@ -6,8 +6,13 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from vi_flows.models import (
+    autoregression,
+    energy_u2,
+    reference_moments,
+    regression_scaled,
+)
 
-from vi_flows.models import autoregression, energy_u2, regression_scaled, reference_moments
 from vi_flows.zoo import list_models, load_model
 
 

@@ -3,10 +3,12 @@
 import re
 from pathlib import Path
 
+import numpy
 import torch
 
 from .arviz_export import to_inference_data
 from .compare import compare
+from .guides import sample_constrained
 from .zoo import load_model
 
 COLUMNS = {
@@ -90,9 +92,60 @@ def plot_khat(result, path):
     plt.close(figure)
 
 
+def _scalar_columns(draws, limit):
+    """Up to ``limit`` scalar parameters of a draws dict as ``(label, site, flat index)``."""
+    columns = []
+    for name, values in draws.items():
+        for index in range(values[0].numel()):
+            columns.append((name if values[0].dim() == 0 else f"{name}[{index}]", name, index))
+    return columns[:limit]
+
+
+def _flat(values, index):
+    return values.reshape(values.shape[0], -1)[:, index].cpu().numpy()
+
+
+def plot_marginals_and_pairs(result, path, max_parameters=6, num_draws=4000):
+    """Each guide's marginals over the reference's (top rows) and a pair plot of the first two
+    parameters (bottom row), all in the model's constrained space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = _scalar_columns(result.reference, max_parameters)
+    draws = {name: sample_constrained(guide, num_draws) for name, guide in result.guides.items()}
+    figure, axes = plt.subplots(2, max(len(columns), len(draws) + 1), figsize=(3 * max(len(columns), len(draws) + 1), 6), squeeze=False)
+    for axis, (label, site, index) in zip(axes[0], columns):
+        reference = _flat(result.reference[site], index)
+        low, high = numpy.quantile(reference, [0.005, 0.995])
+        bins = numpy.linspace(low, high, 50)
+        axis.hist(reference, bins=bins, density=True, color="lightgrey", label="reference")
+        for name, values in draws.items():
+            axis.hist(_flat(values[site], index), bins=bins, density=True, histtype="step", linewidth=1.5, label=name)
+        axis.set_title(label)
+    if columns:
+        axes[0][0].legend(fontsize=7)
+    if len(columns) >= 2:
+        (x_label, x_site, x_index), (y_label, y_site, y_index) = columns[:2]
+        panels = {"reference": result.reference, **draws}
+        # Every panel on the reference's range, so the shapes compare at a glance.
+        x_range = numpy.quantile(_flat(result.reference[x_site], x_index), [0.005, 0.995])
+        y_range = numpy.quantile(_flat(result.reference[y_site], y_index), [0.005, 0.995])
+        for axis, (name, values) in zip(axes[1], panels.items()):
+            axis.scatter(_flat(values[x_site], x_index)[:2000], _flat(values[y_site], y_index)[:2000], s=2, alpha=0.3)
+            axis.set(title=name, xlabel=x_label, ylabel=y_label, xlim=x_range, ylim=y_range)
+    for axis in [*axes[0][len(columns):], *axes[1][len(draws) + 1 if len(columns) >= 2 else 0:]]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quiet=False, seed=0, num_draws=4096):
     """Fit ``guides`` to a zoo model (or ``path.py:function``), print the table and write
-    ``table.csv``, ``parameters.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png`` and one ArviZ netCDF file per
+    ``table.csv``, ``parameters.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png``,
+    ``marginals.png`` (marginals and a pair plot over the reference) and one ArviZ netCDF file per
     fitted guide to ``out``."""
     source = load_model(model_spec)
     sample_posterior = getattr(source, "sample_posterior", None)
@@ -120,6 +173,9 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     plot_elbo_traces(result, out / "elbo_traces.png")
     plot_khat(result, out / "khat.png")
     written = ["table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png"]
+    if result.reference and result.guides:
+        plot_marginals_and_pairs(result, out / "marginals.png")
+        written.append("marginals.png")
     for name, guide in result.guides.items():
         filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
         try:
