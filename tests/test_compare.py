@@ -24,6 +24,12 @@ def test_compare_scores_every_guide_against_the_reference():
     assert list(table.index) == ["meanfield", "planar*2"] and not result.errors
     assert (table["kl"] > -3 * table["elbo_se"]).all()
     assert (table["iw_elbo"] >= table["elbo"]).all()
+    # Mass covering: the mean log q at reference draws is at most E_p[log p] (Gibbs' inequality, with noise).
+    import pyro.distributions as dist
+
+    x1, x2 = result.reference["x1"], result.reference["x2"]
+    log_p = dist.Normal(0.0, 10.0).log_prob(x1) + dist.Normal(0.1 * (x1**2 - 100), 1.0).log_prob(x2)
+    assert (table["mean_log_q_at_reference"] < log_p.mean().item() + 0.1).all()
     assert (table["sd_ratio_min"] <= table["sd_ratio_max"]).all() and (table["worst_mean_error"] > 0).all()
     assert set(result.fits) == set(result.guides) == {"meanfield", "planar*2"}
     parameters = result.parameters.set_index(["guide", "parameter"])

@@ -13,7 +13,7 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
-from .guides import AutoFlow, sample_constrained, transform_fn
+from .guides import AutoFlow, log_density_at, sample_constrained, transform_fn
 from .registry import (
     available_flows,
     build_flow,
@@ -44,6 +44,7 @@ __all__ = [
     "fit",
     "flow_aliases",
     "get_flow",
+    "log_density_at",
     "parse_spec",
     "register_flow",
     "sample_constrained",

@@ -25,7 +25,7 @@ from .diagnostics import (
     worst_moment_errors,
 )
 from .fitting import fit
-from .guides import DEFAULT_FLOW, AutoFlow, sample_constrained
+from .guides import DEFAULT_FLOW, AutoFlow, log_density_at, sample_constrained
 
 DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
 
@@ -139,7 +139,9 @@ def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
         "ms_per_step": 1e3 * result.seconds / max(result.num_steps, 1),
     }
     parameters = []
+    row["mean_log_q_at_reference"] = math.nan
     if reference:
+        row["mean_log_q_at_reference"] = log_density_at(guide, reference, *args, **kwargs).mean().item()
         draws = sample_constrained(guide, num_draws, *args, **kwargs)
         moments = {name: (values.mean(0), values.std(0)) for name, values in reference.items() if name in draws}
         errors = moment_errors(draws, moments)
@@ -180,8 +182,9 @@ def compare(
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
     :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
     :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
-        IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error and the
-        range of sd ratios against the reference (constrained space), and fit time. A guide that
+        IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error, the
+        range of sd ratios and the mean log q at the reference draws (mass-covering: a guide that
+        misses part of the posterior scores badly) in the constrained space, and fit time. A guide that
         fails gets a row of NaNs and its error in ``errors``; the others go on.
     """
     import pandas

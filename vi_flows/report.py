@@ -21,6 +21,7 @@ COLUMNS = {
     "worst_mean_error": "{:.3f}",
     "sd_ratio_min": "{:.3f}",
     "sd_ratio_max": "{:.3f}",
+    "mean_log_q_at_reference": "{:.3f}",
     "steps": "{:.0f}",
     "fit_seconds": "{:.1f}",
     "ms_per_step": "{:.2f}",
