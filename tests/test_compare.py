@@ -1,6 +1,8 @@
 """compare(), the zoo loader and the ``vi-flows compare`` / ``vi-flows models`` commands."""
 
+import numpy as np
 import pytest
+import torch
 from vi_flows.models import banana, gaussian_mixture
 
 from vi_flows.cli import main
@@ -37,6 +39,27 @@ def test_compare_scores_every_guide_against_the_reference():
     assert (parameters["wasserstein"] >= 0).all()
 
 
+def test_guides_and_reference_export_together_to_arviz():
+    import arviz as az
+    import matplotlib.pyplot as plt
+    from vi_flows.models import eight_schools
+
+    reference = {"mu": torch.randn(400), "tau": torch.rand(400) + 1, "theta": torch.randn(400, 8)}
+    result = compare(eight_schools.model, guides=("meanfield", "planar*2"), reference=reference, num_steps=20, num_draws=200, quiet=True)
+    exported = result.inference_data(num_samples=300)
+    assert list(exported) == ["meanfield", "planar*2", "reference"]
+    for data in exported.values():
+        assert data.posterior["theta"].dims == ("chain", "draw", "school")
+    assert exported["reference"].posterior["theta"].shape == (1, 400, 8)
+    np.testing.assert_allclose(exported["reference"].posterior["theta"].values[0], reference["theta"].numpy())
+    summary = result.summary(num_samples=300)
+    assert summary.index.names == ["guide", "parameter"] and len(summary) == 3 * 10
+    np.testing.assert_allclose(summary.loc[("reference", "tau"), "mean"], reference["tau"].mean().item(), atol=1e-3)
+    assert summary.loc[("meanfield", "tau"), "sd"] > 0
+    az.plot_forest(list(exported.values()), model_names=list(exported), var_names=["tau"])
+    plt.close("all")
+
+
 def test_a_failing_guide_is_recorded_and_the_others_still_run():
     result = compare(gaussian_mixture.model, guides=("meanfield", "planar*2"), reference=None, num_steps=5, num_draws=200, quiet=True)
     assert set(result.errors) == {"meanfield"}  # Pyro's autoguides cannot initialise ImproperUniform
@@ -48,7 +71,8 @@ def test_cli_compare_writes_the_table_and_plots(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "meanfield" in out and "planar*2" in out and "khat" in out
-    for name in ("table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png", "marginals.png", "meanfield.nc", "planar_2.nc"):
+    files = ("table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png", "marginals.png", "meanfield.nc", "planar_2.nc", "reference.nc")
+    for name in files:
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "table.md").read_text().count("\n") == 4  # header, rule, two guides
 

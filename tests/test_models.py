@@ -59,3 +59,18 @@ def test_every_zoo_model_loads_and_runs():
         if hasattr(module, "sample_posterior") and module.LOG_Z is not None:
             draws = module.sample_posterior(10)
             assert all(value.shape[0] == 10 for value in draws.values())
+
+
+def test_challenger_data_give_the_published_maximum_likelihood_fit():
+    """Dalal, Fowlkes & Hoadley (1989): logistic MLE intercept 15.043, slope -0.2322 per degree F."""
+    from vi_flows.models import challenger
+
+    design = torch.stack([torch.ones(23), challenger.TEMPERATURE], -1).double()
+    distress = challenger.DISTRESS.double()
+    assert len(distress) == 23 and distress.sum() == 7
+    coefficients = torch.zeros(2, dtype=torch.float64)
+    for _ in range(25):  # Newton's method on the log likelihood
+        p = torch.sigmoid(design @ coefficients)
+        hessian = design.T @ (design * (p * (1 - p)).unsqueeze(-1))
+        coefficients = coefficients + torch.linalg.solve(hessian, design.T @ (distress - p))
+    torch.testing.assert_close(coefficients, torch.tensor([15.0429, -0.2322], dtype=torch.float64), atol=1e-4, rtol=0)

@@ -14,6 +14,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
+from .arviz_export import to_inference_data
 from .diagnostics import (
     elbo_estimate,
     iw_elbo,
@@ -110,7 +111,7 @@ class CompareResult:
     """``table`` (a pandas DataFrame, one row per guide), ``parameters`` (one row per guide and
     scalar parameter: standardised mean error, sd ratio and 1-D Wasserstein distance in reference
     sds), the fitted ``guides``, their ``fits`` (:class:`~vi_flows.FitResult`), the ``reference``
-    draws and ``errors`` of guides that failed."""
+    draws, ``errors`` of guides that failed, and the ``model`` with its ``args`` and ``kwargs``."""
 
     table: object
     parameters: object = None
@@ -118,6 +119,46 @@ class CompareResult:
     fits: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    model: object = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def inference_data(self, num_samples=1000):
+        """Every fitted guide (:func:`~vi_flows.to_inference_data`, ``num_samples`` draws) and the
+        reference draws (under ``"reference"``) as ``arviz.InferenceData``, keyed by name, with the
+        same dims, so ArviZ shows them side by side::
+
+            exported = result.inference_data()
+            az.plot_forest(list(exported.values()), model_names=list(exported), var_names=["tau"])
+        """
+        import arviz
+
+        exported = {
+            name: to_inference_data(guide, self.model, *self.args, num_samples=num_samples, **self.kwargs)
+            for name, guide in self.guides.items()
+        }
+        if self.reference:
+            # Plate dims come from a guide's export (reference draws carry none).
+            posterior = next(iter(exported.values())).posterior if exported else {}
+            dims = {name: list(posterior[name].dims[2:]) for name in self.reference if name in posterior}
+            coords = {dim: posterior[dim].values for dim in getattr(posterior, "dims", ()) if dim not in ("chain", "draw")}
+            exported["reference"] = arviz.from_dict(
+                posterior={name: values.unsqueeze(0).cpu().numpy() for name, values in self.reference.items()},
+                dims=dims,
+                coords=coords,
+            )
+        return exported
+
+    def summary(self, num_samples=1000):
+        """``arviz.summary`` (mean, sd, HDI) of every guide and the reference in one DataFrame
+        indexed by (guide, parameter)."""
+        import arviz
+        import pandas
+
+        return pandas.concat(
+            {name: arviz.summary(data, kind="stats") for name, data in self.inference_data(num_samples).items()},
+            names=["guide", "parameter"],
+        )
 
 
 def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
@@ -198,7 +239,7 @@ def compare(
             print(
                 f"NUTS reference {source}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}"
             )
-    result = CompareResult(table=None, reference=reference or {})
+    result = CompareResult(table=None, reference=reference or {}, model=model, args=args, kwargs=kwargs)
     rows, per_parameter = [], []
     for name in guides:
         pyro.clear_param_store()

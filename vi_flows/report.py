@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy
 import torch
 
-from .arviz_export import to_inference_data
 from .compare import compare
 from .guides import sample_constrained
 from .zoo import load_model
@@ -147,7 +146,7 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     """Fit ``guides`` to a zoo model (or ``path.py:function``), print the table and write
     ``table.csv``, ``parameters.csv``, ``table.md``, ``elbo_traces.png``, ``khat.png``,
     ``marginals.png`` (marginals and a pair plot over the reference) and one ArviZ netCDF file per
-    fitted guide to ``out``."""
+    fitted guide and one for the reference (``reference.nc``) to ``out``."""
     source = load_model(model_spec)
     sample_posterior = getattr(source, "sample_posterior", None)
     reference = sample_posterior(num_draws) if sample_posterior is not None else "nuts"
@@ -177,13 +176,13 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     if result.reference and result.guides:
         plot_marginals_and_pairs(result, out / "marginals.png")
         written.append("marginals.png")
-    for name, guide in result.guides.items():
-        filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
-        try:
-            to_inference_data(guide, source.model, num_samples=1000).to_netcdf(out / filename)
+    try:
+        for name, data in result.inference_data(num_samples=1000).items():
+            filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
+            data.to_netcdf(out / filename)
             written.append(filename)
-        except Exception as error:  # the table and plots are already written; say what is missing
-            print(f"{name}: no InferenceData written ({type(error).__name__}: {str(error).splitlines()[0]})")
+    except Exception as error:  # the table and plots are already written; say what is missing
+        print(f"no InferenceData written ({type(error).__name__}: {str(error).splitlines()[0]})")
     if quiet:  # compare() has already said so otherwise
         for name, error in result.errors.items():
             print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
