@@ -24,5 +24,5 @@ def model(temperature=TEMPERATURE, distress=DISTRESS):
     intercept = pyro.sample("intercept", dist.Normal(0.0, 10.0))
     slope = pyro.sample("slope", dist.Normal(0.0, 1.0))
     with pyro.plate("flight", len(temperature)):
-        logits = intercept.unsqueeze(-1) + slope.unsqueeze(-1) * temperature
+        logits = intercept + slope * temperature
         pyro.sample("distress", dist.Bernoulli(logits=logits), obs=distress)

@@ -17,6 +17,6 @@ def model():
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = pyro.sample("tau", dist.HalfNormal(2.0))
     with pyro.plate("group", NUM_GROUPS):
-        theta = pyro.sample("theta", dist.Normal(mu.unsqueeze(-1), tau.unsqueeze(-1)))
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
         with pyro.plate("observation", PER_GROUP, dim=-2):
             pyro.sample("y", dist.Normal(theta, 1.0), obs=DATA.T)

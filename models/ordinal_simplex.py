@@ -23,7 +23,7 @@ def model():
     weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
     scale = pyro.sample("scale", dist.HalfNormal(2.0))
     with pyro.plate("ordinal", len(COVARIATE)):
-        pyro.sample("category", dist.OrderedLogistic(slope.unsqueeze(-1) * COVARIATE, cutpoints.unsqueeze(-2)), obs=CATEGORIES)
+        pyro.sample("category", dist.OrderedLogistic(slope * COVARIATE, cutpoints), obs=CATEGORIES)
     pyro.sample("counts", dist.Multinomial(int(COUNTS.sum()), weights), obs=COUNTS)
     with pyro.plate("measurement", len(MEASUREMENTS)):
-        pyro.sample("measured", dist.Normal(2.0, scale.unsqueeze(-1)), obs=MEASUREMENTS)
+        pyro.sample("measured", dist.Normal(2.0, scale), obs=MEASUREMENTS)

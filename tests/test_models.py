@@ -13,6 +13,10 @@ from vi_flows.models import (
     regression_scaled,
 )
 
+from pyro.infer import Trace_ELBO
+
+from vi_flows import AutoFlow
+from vi_flows.diagnostics import log_importance_weights
 from vi_flows.zoo import list_models, load_model
 
 
@@ -52,13 +56,19 @@ def test_conjugate_log_z_matches_importance_sampling_from_the_posterior(module):
         assert abs(log_joint - log_posterior - module.LOG_Z) < 1e-2
 
 
-def test_every_zoo_model_loads_and_runs():
-    for name in list_models():
-        module = load_model(name)
-        assert module.DESCRIPTION
-        if hasattr(module, "sample_posterior") and module.LOG_Z is not None:
-            draws = module.sample_posterior(10)
-            assert all(value.shape[0] == 10 for value in draws.values())
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_loads_and_gives_a_finite_vectorised_elbo(name):
+    """Fits and scores vectorise over particles, so every zoo model must broadcast over a leading dimension."""
+    module = load_model(name)
+    assert module.DESCRIPTION
+    if hasattr(module, "sample_posterior") and module.LOG_Z is not None:
+        draws = module.sample_posterior(10)
+        assert all(value.shape[0] == 10 for value in draws.values())
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, flow="planar", init="prior")
+    loss = Trace_ELBO(num_particles=3, vectorize_particles=True).loss(module.model, guide)
+    assert math.isfinite(loss)
+    assert torch.isfinite(log_importance_weights(module.model, guide, num_samples=3)).all()
 
 
 def test_challenger_data_give_the_published_maximum_likelihood_fit():
