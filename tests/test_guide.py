@@ -2,6 +2,7 @@
 
 import functools
 import io
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -207,6 +208,16 @@ def test_laplace_falls_back_with_a_warning_at_a_saddle():
 
     guide = AutoFlow(gaussian_mixture.model, init="laplace")
     with pytest.warns(UserWarning, match="Laplace initialisation failed"):
+        guide()
+    assert guide.init_used == "prior"
+
+
+def test_auto_init_falls_back_to_the_prior_point_without_a_warning():
+    from vi_flows.models import gaussian_mixture
+
+    guide = AutoFlow(gaussian_mixture.model, init="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         guide()
     assert guide.init_used == "prior"
 

@@ -1,8 +1,9 @@
 """Export a fitted guide's posterior to ArviZ ``InferenceData`` (ArviZ's ``from_pyro`` takes MCMC only)."""
 
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
+
+from .diagnostics import max_plate_nesting
 
 # The particle plate Pyro's vectorised importance sampler adds around model and guide.
 _PARTICLE_PLATE = "num_particles_vectorized"
@@ -35,10 +36,9 @@ def to_inference_data(guide, model, *args, num_samples=1000, **kwargs):
     """
     import arviz
 
-    plate_counter = Trace_ELBO()
-    plate_counter._guess_max_plate_nesting(model, guide, args, kwargs)
+    nesting = max_plate_nesting(model, guide, *args, **kwargs)
     log_weights, model_trace, guide_trace = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_samples, max_plate_nesting=plate_counter.max_plate_nesting, normalized=False, **kwargs
+        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
     )
     log_q = sum(
         site["log_prob"].reshape(num_samples, -1).sum(-1)

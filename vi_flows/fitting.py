@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 class FittingError(RuntimeError):

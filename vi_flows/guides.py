@@ -72,8 +72,8 @@ def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
     """MAP point and Laplace approximation of ``model`` in unconstrained space.
 
     Returns ``(loc, scale, correlation_tril)`` (standard deviations and the Cholesky factor of
-    the correlation matrix), or ``None`` with a warning where the MAP search diverges or the
-    Hessian there is not positive definite.
+    the correlation matrix). Raises ``ValueError`` saying why where the MAP search diverges or
+    the Hessian there is not positive definite.
     """
     with pyro.get_param_store().scope():
         delta = AutoLaplaceApproximation(model, init_loc_fn=init_loc_fn)
@@ -97,8 +97,7 @@ def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
                 raise ValueError("the Laplace covariance is not finite")
         except (ValueError, RuntimeError) as failure:  # cholesky raises RuntimeError subclasses
             reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-            warnings.warn(f"Laplace initialisation failed ({reason}); starting from the prior point instead.")
-            return None
+            raise ValueError(f"Laplace initialisation failed ({reason})") from failure
     return laplace
 
 
@@ -192,8 +191,9 @@ class AutoFlow(AutoContinuous):
       :math:`\sigma = 1`. Flows start near the identity, so the guide starts at the Laplace
       approximation and the flow learns what is not Gaussian. Falls back to ``"prior"`` with a
       warning where the MAP search diverges or the Hessian is not positive definite.
-    - ``"auto"`` (default): both, keeping the one with the higher ELBO (32 draws). A Laplace
-      fit is poor where the mode is unrepresentative, as in Neal's funnel.
+    - ``"auto"`` (default): both, keeping the one with the higher ELBO (32 draws), and the prior
+      point without a warning where the Laplace fit fails. A Laplace fit is poor where the mode is
+      unrepresentative, as in Neal's funnel; ``init_used`` says which start was kept.
 
     :param callable model: a Pyro model.
     :param str flow: a flow spec, see :func:`vi_flows.build_flow`.
@@ -266,8 +266,11 @@ class AutoFlow(AutoContinuous):
                 self._initialise_from_laplace(*args, **kwargs)
 
     def _initialise_from_laplace(self, *args, **kwargs):
-        laplace = laplace_approximation(self.model, self._init_loc_fn, *args, **kwargs)
-        if laplace is None:
+        try:
+            laplace = laplace_approximation(self.model, self._init_loc_fn, *args, **kwargs)
+        except ValueError as failure:
+            if self.init == "laplace":  # "auto" asked for the better of two starts: no news to report
+                warnings.warn(f"{failure}; starting from the prior point instead.")
             return
         prior_state = {name: value.detach().clone() for name, value in self.state_dict().items()}
         prior_elbo = None
