@@ -9,6 +9,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from tqdm import tqdm
 
+from .diagnostics import max_plate_nesting
+
 
 class FittingError(RuntimeError):
     """The loss became NaN or infinite; the guide holds the last parameters with a finite loss.
@@ -48,11 +50,11 @@ def fit(
     *args,
     num_steps=None,
     lr=1e-2,
-    num_particles=8,
+    num_particles=64,
     seed=None,
     progress=True,
     max_steps=20000,
-    window=500,
+    window=1000,
     warmup_steps=100,
     plateau_factor=0.2,
     num_plateaus=3,
@@ -69,6 +71,13 @@ def fit(
     at the ``num_plateaus``-th plateau (or at ``max_steps``). Gradients are clipped to norm
     ``clip_norm`` (Pyro's ``ClippedAdam``).
 
+    ``num_particles`` defaults to 64: on the zoo's small and medium models a vectorised step costs
+    about the same with 64 particles as with 8 (Python overhead dominates), and the less noisy
+    gradient lowers the KL reached by the default flow by 2-4x on the banana, the funnel, the
+    correlated Gaussian and the mixture. For models with large data sets, fewer particles are cheaper.
+    ``window`` defaults to 1000 steps: with 500 the rule declared plateaus while the banana was
+    still improving slowly (KL 0.10 at the stop against 0.010 with 1000), at twice the fitting time.
+
     If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
     restored and :class:`FittingError` names the step.
     """
@@ -76,7 +85,10 @@ def fit(
         pyro.set_rng_seed(seed)
     budget = num_steps if num_steps is not None else max_steps
     optimizer = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": clip_norm})
-    svi = SVI(model, guide, optimizer, Trace_ELBO(num_particles=num_particles, vectorize_particles=True))
+    # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
+    nesting = max_plate_nesting(model, guide, *args, **kwargs)
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting)
+    svi = SVI(model, guide, optimizer, elbo)
     plateaus, last_plateau = 0, 0
 
     def learning_rate(step):
