@@ -6,14 +6,13 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 from vi_flows.models import (
     autoregression,
     energy_u2,
     reference_moments,
     regression_scaled,
 )
-
-from pyro.infer import Trace_ELBO
 
 from vi_flows import AutoFlow
 from vi_flows.diagnostics import log_importance_weights
