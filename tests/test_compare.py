@@ -44,7 +44,12 @@ def test_guides_and_reference_export_together_to_arviz():
     import matplotlib.pyplot as plt
     from vi_flows.models import eight_schools
 
-    reference = {"mu": torch.randn(400), "tau": torch.rand(400) + 1, "theta": torch.randn(400, 8)}
+    generator = torch.Generator().manual_seed(0)
+    reference = {
+        "mu": torch.randn(400, generator=generator),
+        "tau": torch.rand(400, generator=generator) + 1,
+        "theta": torch.randn(400, 8, generator=generator),
+    }
     result = compare(eight_schools.model, guides=("meanfield", "planar*2"), reference=reference, num_steps=20, num_draws=200, quiet=True)
     exported = result.inference_data(num_samples=300)
     assert list(exported) == ["meanfield", "planar*2", "reference"]

@@ -22,7 +22,7 @@ def test_every_tutorial_is_collected():
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda path: path.stem)
-def test_committed_notebooks_carry_the_outputs_of_a_full_run(path):
+def test_committed_notebooks_carry_their_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count is not None for cell in code_cells), "run the notebook in full before committing"

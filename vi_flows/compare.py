@@ -139,9 +139,11 @@ class CompareResult:
         }
         if self.reference:
             # Plate dims come from a guide's export (reference draws carry none).
-            posterior = next(iter(exported.values())).posterior if exported else {}
-            dims = {name: list(posterior[name].dims[2:]) for name in self.reference if name in posterior}
-            coords = {dim: posterior[dim].values for dim in getattr(posterior, "dims", ()) if dim not in ("chain", "draw")}
+            dims, coords = {}, {}
+            if exported:
+                posterior = next(iter(exported.values())).posterior
+                dims = {name: list(posterior[name].dims[2:]) for name in self.reference if name in posterior}
+                coords = {dim: posterior[dim].values for dim in posterior.dims if dim not in ("chain", "draw")}
             exported["reference"] = arviz.from_dict(
                 posterior={name: values.unsqueeze(0).cpu().numpy() for name, values in self.reference.items()},
                 dims=dims,

@@ -1,4 +1,5 @@
-"""Diagnostics of a fitted guide: pure functions of draws and log importance weights, plus the sampler of the latter."""
+"""Diagnostics of a fitted guide: pure functions of draws and log importance weights, plus the sampler of
+the latter and the plate count it needs."""
 
 import logging
 import math
