@@ -1,4 +1,4 @@
-"""vi_flows.fit: the stopping rule, NaN protection and the result it reports."""
+"""vi_flows.fit: the stopping rule, NaN protection, the compiled step and the result it reports."""
 
 import importlib
 
@@ -9,8 +9,10 @@ import torch
 from vi_flows.models import reference_moments
 
 from vi_flows import AutoFlow, FittingError, fit
-from vi_flows.diagnostics import moment_errors, worst_moment_errors
-from vi_flows.fitting import has_converged
+from vi_flows.compiled_elbo import CompileError, compile_negative_elbo
+from vi_flows.diagnostics import max_plate_nesting, moment_errors, worst_moment_errors
+from vi_flows.fitting import ELBOStep, has_converged
+from vi_flows.zoo import load_model
 
 
 def test_stopping_rule_stops_on_a_flat_noisy_trace_and_not_on_an_improving_one():
@@ -44,7 +46,8 @@ def test_fit_with_num_steps_runs_exactly_that_many():
     assert result.num_steps == 7 and result.stop_reason == "reached num_steps"
 
 
-def test_nan_loss_names_the_step_and_restores_finite_parameters():
+@pytest.mark.parametrize("compile", [False, True])
+def test_nan_loss_names_the_step_and_restores_finite_parameters(compile):
     def model():
         x = pyro.sample("x", dist.ImproperUniform(dist.constraints.real, (), ()))
         # The density pulls x towards 5 but is undefined beyond 2: fitting must run into NaN.
@@ -53,7 +56,7 @@ def test_nan_loss_names_the_step_and_restores_finite_parameters():
     pyro.clear_param_store()
     guide = AutoFlow(model, flow="planar", init_scale=0.01)
     with pytest.raises(FittingError, match=r"at step \d+; the guide's parameters are restored") as error:
-        fit(model, guide, num_steps=5000, lr=5e-2, progress=False, seed=0)
+        fit(model, guide, num_steps=5000, lr=5e-2, progress=False, seed=0, compile=compile)
     step = int(str(error.value).split("at step ")[1].split(";")[0])
     assert step > 0
     assert error.value.result.num_steps == step and len(error.value.result.losses) == step
@@ -78,3 +81,103 @@ def test_default_fit_recovers_exact_posterior_moments(target):
     worst_mean, worst_sd = worst_moment_errors(moment_errors(guide.sample_constrained(20000), reference_moments(module)))
     assert worst_mean < 0.1, f"worst standardised mean error {worst_mean:.3f}"
     assert worst_sd < 0.1, f"worst sd ratio error {worst_sd:.3f}"
+
+
+def _eager_step(module, num_particles=8):
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, flow="planar*2+iaf", init="prior")
+    nesting = max_plate_nesting(module.model, guide)
+    return guide, nesting, ELBOStep(module.model, guide, num_particles=num_particles, max_plate_nesting=nesting)
+
+
+# Plates and a subsampled-free hierarchy; ordered, simplex and positive sites; ImproperUniform + factor.
+@pytest.mark.parametrize("name", ["funnel", "hierarchical_100", "ordinal_simplex", "gaussian_mixture"])
+def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name):
+    module = load_model(name)
+    guide, nesting, step = _eager_step(module)
+    traced = compile_negative_elbo(module.model, guide, step.params, 8, nesting, backend=None)
+    results = []
+    for loss in (step.loss, traced):  # Pyro's Trace_ELBO, then the traced graph, on the same draws
+        pyro.set_rng_seed(0)
+        value = loss()
+        results.append((value, torch.autograd.grad(value, step.params)))
+    (eager, eager_grads), (graph, graph_grads) = results
+    assert torch.allclose(graph, eager, rtol=1e-5)
+    for graph_grad, eager_grad in zip(graph_grads, eager_grads):
+        assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_loss_and_gradient_have_the_eager_means():
+    # The compiled graph draws its own random numbers: compare means over many draws.
+    module = load_model("banana")
+    guide, nesting, step = _eager_step(module, num_particles=16)
+    compiled = compile_negative_elbo(module.model, guide, step.params, 16, nesting)
+    loc = step.params[[p is guide.loc for p in step.params].index(True)]
+    samples = []
+    for loss in (step.loss, compiled):
+        values = []
+        for _ in range(400):
+            value = loss()
+            values.append(torch.cat([value.detach().reshape(1), torch.autograd.grad(value, loc)[0]]))
+        samples.append(torch.stack(values))
+    eager, graph = samples
+    standard_error = ((eager.var(0) + graph.var(0)) / len(eager)).sqrt()
+    assert ((eager.mean(0) - graph.mean(0)).abs() < 4 * standard_error).all()
+
+
+def test_compiled_fit_recovers_a_correlated_gaussian():
+    mean, covariance = torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 0.9], [0.9, 4.0]])
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(mean, covariance))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="householder", base="fullrank", init="prior")
+    result = fit(model, guide, num_steps=1500, progress=False, seed=0, compile=True)
+    assert result.compiled and result.compile_failure == ""
+    draws = guide.sample_constrained(20000)["x"]
+    sd = covariance.diagonal().sqrt()
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.05
+    assert ((draws.std(0) / sd) - 1).abs().max() < 0.05
+
+
+def branching_model():
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    if x.mean() > 3:  # Python reads a latent value: no single graph represents this model
+        pyro.factor("tail", -x)
+
+
+def test_compile_true_says_why_a_model_cannot_be_compiled():
+    pyro.clear_param_store()
+    with pytest.raises(CompileError, match="could not compile the ELBO .*data-dependent"):
+        fit(branching_model, AutoFlow(branching_model, flow="planar"), num_steps=3, progress=False, compile=True)
+
+
+def test_compile_auto_falls_back_to_eager_steps_and_says_why(monkeypatch):
+    monkeypatch.setattr("vi_flows.fitting.COMPILE_MIN_STEPS", 1)
+    pyro.clear_param_store()
+    result = fit(branching_model, AutoFlow(branching_model, flow="planar"), num_steps=3, progress=False)
+    assert not result.compiled and "data-dependent" in result.compile_failure
+    assert result.num_steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_compile_auto_compiles_long_runs_only(monkeypatch):
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    assert not fit(model, AutoFlow(model, flow="planar"), num_steps=3, progress=False).compiled
+    monkeypatch.setattr("vi_flows.fitting.COMPILE_MIN_STEPS", 3)
+    assert fit(model, AutoFlow(model, flow="planar"), num_steps=3, progress=False).compiled
+
+
+def test_a_guide_with_a_site_that_is_not_reparameterised_is_not_compiled():
+    def model():
+        pyro.sample("angle", dist.VonMises(0.0, 1.0))
+
+    def guide():
+        pyro.sample("angle", dist.VonMises(pyro.param("centre", torch.tensor(0.5)), 2.0))
+
+    pyro.clear_param_store()
+    with pytest.raises(CompileError, match="'angle' is not reparameterised"):
+        fit(model, guide, num_steps=3, progress=False, compile=True)

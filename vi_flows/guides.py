@@ -95,7 +95,9 @@ def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
             laplace = (gaussian.loc, gaussian.scale, gaussian.scale_tril)
             if not all(torch.isfinite(part).all() for part in laplace):
                 raise ValueError("the Laplace covariance is not finite")
-        except (ValueError, RuntimeError) as failure:  # cholesky raises RuntimeError subclasses
+        # cholesky raises RuntimeError subclasses; torch's strong-Wolfe line search can raise
+        # IndexError when the loss turns NaN inside a bracket.
+        except (ValueError, RuntimeError, IndexError) as failure:
             reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
             raise ValueError(f"Laplace initialisation failed ({reason})") from failure
     return laplace
