@@ -2,6 +2,7 @@
 
 from .arviz_export import to_inference_data
 from .compare import CompareResult, compare
+from .compiled_elbo import CompileError
 from .fitting import FitResult, FittingError, fit
 from .flows import (
     IAF,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoFlow",
     "CompareResult",
+    "CompileError",
     "FitResult",
     "FittingError",
     "FlowTransform",

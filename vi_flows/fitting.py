@@ -14,7 +14,8 @@ from .compiled_elbo import CompileError, compile_negative_elbo
 from .diagnostics import max_plate_nesting
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
-# takes 5-8 s and saves 1.5-4 ms per step (python -m vi_flows.bench speed).
+# takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
+# (python -m vi_flows.bench speed), so such a run repays it.
 COMPILE_MIN_STEPS = 2000
 
 
@@ -59,7 +60,7 @@ class ELBOStep:
     does) and an Adam update of every parameter that model and guide read.
 
     With ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
-    (raising :class:`~vi_flows.compiled_elbo.CompileError` where it cannot); with ``"auto"`` it
+    (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it
     falls back to Pyro's eager ``Trace_ELBO``, keeping the reason in ``compile_failure``.
     The guide must be set up (run once) before.
     """
@@ -136,12 +137,12 @@ def fit(
 
     ``compile``: with ``True`` the loss is traced into one graph and compiled with
     ``torch.compile`` (see :func:`~vi_flows.compiled_elbo.compile_negative_elbo`): a step then
-    costs 0.2-0.3x an eager one, after 5-8 s of compiling. This needs a guide whose sites are all
-    reparameterised (every autoguide of continuous latents) and a model whose control flow does
-    not branch on latent values. ``"auto"`` compiles runs of ``COMPILE_MIN_STEPS`` steps or more
-    and steps eagerly, through Pyro's ``Trace_ELBO``, where compiling fails (the result's
-    ``compile_failure`` says why); ``True`` raises :class:`~vi_flows.compiled_elbo.CompileError`
-    instead; ``False`` never compiles.
+    costs 0.15-0.5x an eager one, after 5-18 s of compiling (less from PyTorch's cache). This
+    needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
+    a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
+    ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
+    compiling fails (the result's ``compile_failure`` says why); ``True`` raises
+    :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
 
     If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
     restored and :class:`FittingError` names the step.
