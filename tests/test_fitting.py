@@ -107,6 +107,15 @@ def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name):
         assert torch.allclose(graph_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_parameters_the_traced_loss_does_not_read_are_refused():
+    # Copies are not the tensors the loss reads: traced, they would be constants, never trained.
+    module = load_model("banana")
+    guide, nesting, step = _eager_step(module)
+    copies = [param.detach().clone().requires_grad_() for param in step.params]
+    with pytest.raises(CompileError, match=rf"parameters \[0, 1, .*\] \(of {len(copies)}\) do not reach the traced loss"):
+        compile_negative_elbo(module.model, guide, copies, 8, nesting)
+
+
 def test_compiled_loss_and_gradient_have_the_eager_means():
     # The compiled graph draws its own random numbers: compare means over many draws.
     module = load_model("banana")
@@ -149,7 +158,7 @@ def branching_model():
 
 def test_compile_true_says_why_a_model_cannot_be_compiled():
     pyro.clear_param_store()
-    with pytest.raises(CompileError, match="could not compile the ELBO .*data-dependent"):
+    with pytest.raises(CompileError, match="could not trace the ELBO .*data-dependent"):
         fit(branching_model, AutoFlow(branching_model, flow="planar"), num_steps=3, progress=False, compile=True)
 
 
@@ -168,6 +177,7 @@ def test_compile_auto_compiles_long_runs_only(monkeypatch):
     pyro.clear_param_store()
     assert not fit(model, AutoFlow(model, flow="planar"), num_steps=3, progress=False).compiled
     monkeypatch.setattr("vi_flows.fitting.COMPILE_MIN_STEPS", 3)
+    pyro.clear_param_store()
     assert fit(model, AutoFlow(model, flow="planar"), num_steps=3, progress=False).compiled
 
 

@@ -73,7 +73,9 @@ class ELBOStep:
 
         with poutine.trace(param_only=True) as param_capture:  # the parameters, found as Pyro's SVI finds them
             eager_loss()
-        self.params = [site["value"].unconstrained() for site in param_capture.trace.nodes.values()]
+        # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
+        unique = {id(site["value"].unconstrained()): site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+        self.params = list(unique.values())
         self.loss, self.compiled, self.compile_failure = eager_loss, False, ""
         if compile:
             try:
