@@ -191,3 +191,15 @@ def test_a_guide_with_a_site_that_is_not_reparameterised_is_not_compiled():
     pyro.clear_param_store()
     with pytest.raises(CompileError, match="'angle' is not reparameterised"):
         fit(model, guide, num_steps=3, progress=False, compile=True)
+
+
+def test_a_seeded_compiled_fit_is_reproducible():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    traces = []
+    for _ in range(2):  # the second run compiles from PyTorch's cache
+        pyro.clear_param_store()
+        guide = AutoFlow(model, flow="planar*2", init="prior")
+        traces.append(fit(model, guide, num_steps=20, progress=False, compile=True, seed=3).losses)
+    assert traces[0] == traces[1]
