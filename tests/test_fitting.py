@@ -203,3 +203,14 @@ def test_a_seeded_compiled_fit_is_reproducible():
         guide = AutoFlow(model, flow="planar*2", init="prior")
         traces.append(fit(model, guide, num_steps=20, progress=False, compile=True, seed=3).losses)
     assert traces[0] == traces[1]
+
+
+def test_fit_warns_when_the_param_store_holds_another_guides_tensors():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    fit(model, AutoFlow(model, flow="planar"), num_steps=2, progress=False)
+    guide = AutoFlow(model, flow="planar")  # same name, same param store: Pyro reads the first guide's tensors
+    with pytest.warns(UserWarning, match=r"\['flow.u', 'flow.w', 'flow.b'\] will not be trained"):
+        fit(model, guide, num_steps=2, progress=False)

@@ -2,6 +2,7 @@
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pyro
@@ -76,6 +77,14 @@ class ELBOStep:
         # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
         unique = {id(site["value"].unconstrained()): site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         self.params = list(unique.values())
+        if isinstance(guide, torch.nn.Module):
+            untrained = [name for name, param in guide.named_parameters() if id(param) not in unique]
+            if untrained:
+                warnings.warn(
+                    f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "
+                    "under their names, so the loss reads those. Was another guide of the same name created in this "
+                    "param store before? Call pyro.clear_param_store() before creating this guide."
+                )
         self.loss, self.compiled, self.compile_failure = eager_loss, False, ""
         if compile:
             try:
