@@ -1,6 +1,7 @@
 """compare(), the zoo loader and the ``vi-flows compare`` / ``vi-flows models`` commands."""
 
 import numpy as np
+import pandas
 import pytest
 import torch
 from vi_flows.models import banana, gaussian_mixture
@@ -80,6 +81,14 @@ def test_cli_compare_writes_the_table_and_plots(tmp_path, capsys):
     for name in files:
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "table.md").read_text().count("\n") == 4  # header, rule, two guides
+
+
+def test_cli_compare_is_reproducible(tmp_path, capsys):
+    tables = []
+    for run in ("first", "second"):
+        assert main(["compare", "banana", "--guides", "planar", "--steps", "5", "--out", str(tmp_path / run), "--quiet"]) == 0
+        tables.append(pandas.read_csv(tmp_path / run / "table.csv").drop(columns=["fit_seconds", "ms_per_step"]))
+    pandas.testing.assert_frame_equal(tables[0], tables[1])  # the reference draws too: mean_log_q_at_reference
 
 
 def test_cli_reports_an_unknown_model_clearly(capsys):

@@ -33,14 +33,16 @@ class FittingError(RuntimeError):
 
 @dataclass
 class FitResult:
-    """What a call to :func:`fit` did: the loss per step, how long it ran (compiling included),
-    why it stopped, whether its steps ran compiled and, where compiling was tried and failed, why."""
+    """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
+    included), why it stopped, whether its steps ran compiled, how long compiling took and, where
+    it was tried and failed, why. ``(seconds - compile_seconds) / num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
     compiled: bool = False
+    compile_seconds: float = 0.0
     compile_failure: str = ""
 
 
@@ -85,8 +87,9 @@ class ELBOStep:
                     "under their names, so the loss reads those. Was another guide of the same name created in this "
                     "param store before? Call pyro.clear_param_store() before creating this guide."
                 )
-        self.loss, self.compiled, self.compile_failure = eager_loss, False, ""
+        self.loss, self.compiled, self.compile_failure, self.compile_seconds = eager_loss, False, "", 0.0
         if compile:
+            start = time.perf_counter()
             try:
                 self.loss = compile_negative_elbo(
                     model, guide, self.params, num_particles, max_plate_nesting, *args, **kwargs
@@ -96,6 +99,7 @@ class ELBOStep:
                 if compile is True:
                     raise
                 self.compile_failure = str(failure)
+            self.compile_seconds = time.perf_counter() - start
         self.clip_norm = clip_norm
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
 
@@ -180,6 +184,7 @@ def fit(
         **kwargs,
     )
     result.compiled, result.compile_failure = step_once.compiled, step_once.compile_failure
+    result.compile_seconds = step_once.compile_seconds
     params = step_once.params
     plateaus, last_plateau = 0, 0
 

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy
+import pyro
 import torch
 
 from .compare import compare
@@ -149,6 +150,7 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
     fitted guide and one for the reference (``reference.nc``) to ``out``."""
     source = load_model(model_spec)
     sample_posterior = getattr(source, "sample_posterior", None)
+    pyro.set_rng_seed(seed)  # the same reference draws, so the same table, on every run
     reference = sample_posterior(num_draws) if sample_posterior is not None else "nuts"
     if not quiet:
         kind = "exact posterior draws" if sample_posterior is not None else "Pyro's NUTS"
