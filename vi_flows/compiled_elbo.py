@@ -27,7 +27,8 @@ def _first_line(failure):
 def negative_elbo(model, guide, num_particles, max_plate_nesting, *args, **kwargs):
     """Pyro's vectorised ``Trace_ELBO`` loss, written for guides whose sample sites are all
     reparameterised (no score-function terms): particles in an outermost plate, the model
-    replayed on the guide's draws, and the difference of the traces' log densities."""
+    replayed on the guide's draws, and the difference of the traces' log densities. Pyro's own
+    ``differentiable_loss`` cannot be traced: it reads a Python number (``.item()``) per site."""
     with pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
