@@ -121,13 +121,12 @@ def test_compiled_loss_and_gradient_have_the_eager_means():
     module = load_model("banana")
     guide, nesting, step = _eager_step(module, num_particles=16)
     compiled = compile_negative_elbo(module.model, guide, step.params, 16, nesting)
-    loc = step.params[[p is guide.loc for p in step.params].index(True)]
     samples = []
     for loss in (step.loss, compiled):
         values = []
         for _ in range(400):
             value = loss()
-            values.append(torch.cat([value.detach().reshape(1), torch.autograd.grad(value, loc)[0]]))
+            values.append(torch.cat([value.detach().reshape(1), torch.autograd.grad(value, guide.loc)[0]]))
         samples.append(torch.stack(values))
     eager, graph = samples
     standard_error = ((eager.var(0) + graph.var(0)) / len(eager)).sqrt()

@@ -65,7 +65,6 @@ class ELBOStep:
     With ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
     (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it
     falls back to Pyro's eager ``Trace_ELBO``, keeping the reason in ``compile_failure``.
-    The guide must be set up (run once) before.
     """
 
     def __init__(self, model, guide, *args, num_particles, max_plate_nesting, compile=False, clip_norm=10.0, **kwargs):
@@ -77,7 +76,10 @@ class ELBOStep:
         with poutine.trace(param_only=True) as param_capture:  # the parameters, found as Pyro's SVI finds them
             eager_loss()
         # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
-        unique = {id(site["value"].unconstrained()): site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+        unique = {}
+        for site in param_capture.trace.nodes.values():
+            param = site["value"].unconstrained()
+            unique[id(param)] = param
         self.params = list(unique.values())
         if isinstance(guide, torch.nn.Module):
             untrained = [name for name, param in guide.named_parameters() if id(param) not in unique]
@@ -183,8 +185,8 @@ def fit(
         clip_norm=clip_norm,
         **kwargs,
     )
-    result.compiled, result.compile_failure = step_once.compiled, step_once.compile_failure
-    result.compile_seconds = step_once.compile_seconds
+    result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
+    result.compile_failure = step_once.compile_failure
     params = step_once.params
     plateaus, last_plateau = 0, 0
 
