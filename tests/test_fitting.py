@@ -83,18 +83,19 @@ def test_default_fit_recovers_exact_posterior_moments(target):
     assert worst_sd < 0.1, f"worst sd ratio error {worst_sd:.3f}"
 
 
-def _eager_step(module, num_particles=8):
+def _eager_step(module, num_particles=8, sticking_the_landing=False):
     pyro.clear_param_store()
-    guide = AutoFlow(module.model, flow="planar*2+iaf", init="prior")
+    guide = AutoFlow(module.model, flow="planar*2+iaf", init="prior", sticking_the_landing=sticking_the_landing)
     nesting = max_plate_nesting(module.model, guide)
     return guide, nesting, ELBOStep(module.model, guide, num_particles=num_particles, max_plate_nesting=nesting)
 
 
 # Plates and a subsampled-free hierarchy; ordered, simplex and positive sites; ImproperUniform + factor.
+@pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
 @pytest.mark.parametrize("name", ["funnel", "hierarchical_100", "ordinal_simplex", "gaussian_mixture"])
-def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name):
+def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name, sticking_the_landing):
     module = load_model(name)
-    guide, nesting, step = _eager_step(module)
+    guide, nesting, step = _eager_step(module, sticking_the_landing=sticking_the_landing)
     traced = compile_negative_elbo(module.model, guide, step.params, 8, nesting, backend=None)
     results = []
     for loss in (step.loss, traced):  # Pyro's Trace_ELBO, then the traced graph, on the same draws

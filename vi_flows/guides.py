@@ -18,6 +18,7 @@ from pyro.nn import PyroParam
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 
+from .flows.base import flow_jacobian
 from .registry import build_flow, parse_spec
 
 BASES = ("standard", "diagonal", "fullrank")
@@ -155,18 +156,54 @@ def _unconstrained_zero(site):
     return to_support(torch.zeros(to_support.inverse_shape(fn.shape())))
 
 
-def _with_unconstrained_fallback(init_loc_fn):
-    """Wrap ``init_loc_fn`` so sites that cannot be sampled (``ImproperUniform``) start at the
-    unconstrained origin instead of failing, as Pyro's ``init_to_feasible`` does."""
+class _WithUnconstrainedFallback:
+    """``init_loc_fn``, except that sites it cannot sample (``ImproperUniform``) start at the
+    unconstrained origin instead of failing, as Pyro's ``init_to_feasible`` does. A class rather
+    than a closure, so that a guide can be pickled whole (``torch.save(guide, path)``)."""
 
-    @functools.wraps(init_loc_fn)
-    def init(site):
+    def __init__(self, init_loc_fn):
+        self.init_loc_fn = init_loc_fn
+
+    def __call__(self, site):
         try:
-            return init_loc_fn(site)
+            return self.init_loc_fn(site)
         except NotImplementedError:
             return _unconstrained_zero(site)
 
-    return init
+
+class FlowPosterior(dist.TransformedDistribution):
+    """The distribution of ``AutoFlow``'s latent vector: a transformed standard normal that remembers
+    its latest reparameterised draw.
+
+    With a ``path_derivative`` (see ``AutoFlow``'s ``sticking_the_landing``), ``log_prob`` at that
+    draw keeps its value but takes its gradient from ``path_derivative(noise, draw)`` (zero-valued,
+    differentiable only through the draw) instead of from the parameters directly.
+    """
+
+    def __init__(self, base_dist, transforms, path_derivative=None, validate_args=None):
+        self.path_derivative = path_derivative
+        self._last_draw = None
+        super().__init__(base_dist, transforms, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return FlowPosterior(self.base_dist.expand(batch_shape), self.transforms, self.path_derivative)
+
+    def rsample(self, sample_shape=torch.Size()):
+        noise = self.base_dist.rsample(sample_shape)
+        draw = noise
+        for transform in self.transforms:
+            draw = transform(draw)
+        self._last_draw = (noise, draw)
+        return draw
+
+    def log_prob(self, value):
+        log_q = super().log_prob(value)
+        if self.path_derivative is None or self._last_draw is None or not torch.is_grad_enabled():
+            return log_q
+        noise, draw = self._last_draw
+        if value is not draw:
+            return log_q
+        return log_q.detach() + self.path_derivative(noise, draw)
 
 
 class AutoFlow(AutoContinuous):
@@ -224,6 +261,7 @@ class AutoFlow(AutoContinuous):
         init="auto",
         init_loc_fn=init_to_median,
         init_scale=0.1,
+        sticking_the_landing=False,
         **flow_kwargs,
     ):
         if base not in BASES:
@@ -237,8 +275,9 @@ class AutoFlow(AutoContinuous):
         self.base = base
         self.init = init
         self._init_scale = float(init_scale)
+        self.sticking_the_landing = bool(sticking_the_landing)
         self._flow_kwargs = flow_kwargs
-        self._init_loc_fn = _with_unconstrained_fallback(init_loc_fn)
+        self._init_loc_fn = _WithUnconstrainedFallback(init_loc_fn)
         self.init_used = None  # "prior" or "laplace", once the guide has been set up
         super().__init__(model, init_loc_fn=self._init_loc_fn)
 
@@ -297,6 +336,34 @@ class AutoFlow(AutoContinuous):
 
     def get_base_dist(self):
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
+
+    def get_posterior(self, *args, **kwargs):
+        path_derivative = self._path_derivative if self.sticking_the_landing else None
+        return FlowPosterior(self.get_base_dist(), self.get_transform(*args, **kwargs), path_derivative)
+
+    def _path_derivative(self, noise, draw):
+        """Zero, with the gradient of log q(draw) that flows through ``draw`` alone.
+
+        With y = f(x) the flow's output and x = B noise its input, the score of q in y is
+        J_f^{-T} (d/dx) [log N(B^{-1} x) - log|det J_f(x)|]; it is paired with y recomputed from the
+        draw by the outer affine map with its parameters held fixed.
+        """
+        noise = noise.detach()
+        if self.base == "standard":
+            flow_input, base_score = noise, -noise
+        elif self.base == "diagonal":
+            base_scale = self.base_scale.detach()
+            flow_input, base_score = base_scale * noise, -noise / base_scale
+        else:
+            tril = self.base_scale_tril.detach()
+            flow_input = (tril @ noise.unsqueeze(-1)).squeeze(-1)
+            base_score = -torch.linalg.solve_triangular(tril.mT, noise.unsqueeze(-1), upper=True).squeeze(-1)
+        jacobian, log_det_gradient = flow_jacobian(self.flow, flow_input)
+        score = torch.linalg.solve(jacobian.mT, base_score - log_det_gradient)
+        outer_tril = (self.preconditioner * self.scale).detach()
+        outer_shift = (self.centre + self.preconditioner @ self.loc).detach()
+        flow_output = torch.linalg.solve_triangular(outer_tril, (draw - outer_shift).unsqueeze(-1), upper=False).squeeze(-1)
+        return (score * (flow_output - flow_output.detach())).sum(-1)
 
     def get_transform(self, *args, **kwargs):
         # Every part caches its last (input, output) pair, so scoring a fresh sample walks back

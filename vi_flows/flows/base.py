@@ -1,9 +1,10 @@
-"""Shared machinery of the flow families: the transform base class and a scalar root finder."""
+"""Shared machinery of the flow families: the transform base class, a scalar root finder and a
+flow's Jacobian."""
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import ComposeTransform, constraints
 
 # Scale of the parameters that make a layer differ from the identity at initialisation: flows
 # start close to their base, so a well-initialised base (e.g. a Laplace fit) is not spoiled.
@@ -47,9 +48,11 @@ class FlowTransform(TransformModule):
         return self.forward_and_log_det(x)[1]
 
     def __getstate__(self):
-        # The kept log-determinant carries an autograd graph, which cannot be copied or pickled.
+        # The cached last pass carries an autograd graph, which cannot be copied or pickled.
         state = super().__getstate__()
         state["_last_output_and_log_det"] = None
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = None, None
         return state
 
     # torch's Transform.__repr__ would hide the module's sizes and sub-modules.
@@ -75,3 +78,31 @@ def solve_monotone(func, derivative, target, lower, upper, num_iters=60):
         inside = (newton >= lower) & (newton <= upper)
         t = torch.where(inside, newton, (lower + upper) / 2)
     return t
+
+
+
+def forward_and_log_det(transform, x):
+    """``(y, log|det dy/dx|)`` of any transform, without touching the caches of :class:`FlowTransform`
+    parts (whose forward pass is a pure function); other transforms run through their public call."""
+    if isinstance(transform, FlowTransform):
+        return transform.forward_and_log_det(x)
+    if isinstance(transform, ComposeTransform):
+        log_det = x.new_zeros(x.shape[:-1])  # (a Python 0.0 would turn float64 under torch.func's transforms)
+        for part in transform.parts:
+            x, part_log_det = forward_and_log_det(part, x)
+            log_det = log_det + part_log_det
+        return x, log_det
+    y = transform(x)
+    return y, transform.log_abs_det_jacobian(x, y)
+
+
+def flow_jacobian(flow, x):
+    """Jacobian of a flow at the points ``x`` (shape ``(..., D)``) and the gradient of its log|det J| there.
+
+    Returns ``(dy/dx, d log|det J|/dx)`` with shapes ``(..., D, D)`` and ``(..., D)``, by forward-mode
+    differentiation (D directions per point), detached from the flow's parameters.
+    """
+    with torch.no_grad():
+        flat = x.detach().reshape(-1, x.shape[-1])
+        jacobian, log_det_gradient = torch.func.vmap(torch.func.jacfwd(lambda point: forward_and_log_det(flow, point)))(flat)
+    return jacobian.reshape(x.shape + x.shape[-1:]), log_det_gradient.reshape(x.shape)
