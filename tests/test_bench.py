@@ -25,3 +25,10 @@ def test_fit_table_runs_every_method(monkeypatch, capsys):
     # Neither Pyro's autoguides nor its NUTS can initialise ImproperUniform; the table says so.
     assert "fails: NotImplementedError" in rows[0] and "fails: NotImplementedError" in rows[2]
     assert "fails" not in rows[1]
+
+
+def test_sticking_the_landing_table_has_a_row_per_setting_and_seed(capsys):
+    bench.sticking(targets=("banana",), seeds=(0,), dims=(2,), steps=1, num_steps=5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[0] == "2" and len(lines) == 7
+    assert [row.split()[:3] for row in lines[5:]] == [["banana", "False", "0"], ["banana", "True", "0"]]
