@@ -21,7 +21,7 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoNormalizingFlow, init_to_value
 from pyro.nn import PyroModule, PyroSample
 
-from vi_flows import AutoFlow, available_flows, transform_fn
+from vi_flows import AutoFlow, available_flows, trace_elbo_objective, transform_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -286,6 +286,22 @@ def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, f
         torch.testing.assert_close(gradient, wanted, msg=name)
     # Elsewhere, or without a gradient, the density is the plain one.
     torch.testing.assert_close(posterior.log_prob(draw.clone()), log_q)
+
+
+def test_auto_sticking_the_landing_only_under_a_trace_elbo_objective_and_few_dimensions():
+    # Pyro's SVI may run RenyiELBO, for which the path-derivative gradient is biased: "auto" is off there.
+    small = AutoFlow(gaussian_model)
+    small()
+    with pyro.get_param_store().scope():  # a second guide of the same name needs its own store
+        large = AutoFlow(lambda: pyro.sample("x", dist.Normal(torch.zeros(21), 1.0).to_event(1)))
+        large()
+    assert small.get_posterior().path_derivative is None
+    with trace_elbo_objective():
+        assert small.get_posterior().path_derivative is not None
+        assert large.get_posterior().path_derivative is None
+    assert small.get_posterior().path_derivative is None
+    with pytest.raises(ValueError, match="sticking_the_landing must be True, False or 'auto'"):
+        AutoFlow(gaussian_model, sticking_the_landing="yes")
 
 
 def test_sticking_the_landing_gradient_vanishes_at_the_exact_posterior():

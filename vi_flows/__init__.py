@@ -14,7 +14,7 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
-from .guides import AutoFlow, log_density_at, sample_constrained, transform_fn
+from .guides import AutoFlow, log_density_at, sample_constrained, trace_elbo_objective, transform_fn
 from .registry import (
     available_flows,
     build_flow,
@@ -51,5 +51,6 @@ __all__ = [
     "register_flow",
     "sample_constrained",
     "to_inference_data",
+    "trace_elbo_objective",
     "transform_fn",
 ]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .compiled_elbo import CompileError, compile_negative_elbo
 from .diagnostics import max_plate_nesting
+from .guides import trace_elbo_objective
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
 # takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
@@ -58,7 +59,8 @@ def has_converged(losses, window):
 
 
 class ELBOStep:
-    """One optimisation step of ``fit``: the vectorised negative ELBO of ``model`` and ``guide``,
+    """One optimisation step of ``fit``: the vectorised negative ELBO of ``model`` and ``guide``
+    (with the path-derivative gradient where an ``AutoFlow``'s ``sticking_the_landing`` asks for it),
     its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's ``ClippedAdam``
     does) and an Adam update of every parameter that model and guide read.
 
@@ -71,7 +73,8 @@ class ELBOStep:
         elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
 
         def eager_loss():
-            return elbo.differentiable_loss(model, guide, *args, **kwargs)
+            with trace_elbo_objective():  # the path-derivative gradient is unbiased for this loss
+                return elbo.differentiable_loss(model, guide, *args, **kwargs)
 
         with poutine.trace(param_only=True) as param_capture:  # the parameters, found as Pyro's SVI finds them
             eager_loss()
@@ -93,9 +96,10 @@ class ELBOStep:
         if compile:
             start = time.perf_counter()
             try:
-                self.loss = compile_negative_elbo(
-                    model, guide, self.params, num_particles, max_plate_nesting, *args, **kwargs
-                )
+                with trace_elbo_objective():  # what the graph holds is fixed here, when it is traced
+                    self.loss = compile_negative_elbo(
+                        model, guide, self.params, num_particles, max_plate_nesting, *args, **kwargs
+                    )
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:

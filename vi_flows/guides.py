@@ -1,5 +1,7 @@
 """``AutoFlow``: a registered flow as the posterior of any Pyro model."""
 
+import contextlib
+import contextvars
 import functools
 import math
 import warnings
@@ -26,10 +28,23 @@ INITS = ("auto", "laplace", "prior")
 # Draws behind init="auto"'s choice between the prior point and the Laplace fit.
 INIT_ELBO_PARTICLES = 32
 
-# sticking_the_landing="auto" uses the path-derivative gradient up to this many latent dimensions.
-# Measured with fit's compiled step, 64 particles (python -m vi_flows.bench stl): a step costs
-# 1.9x / 2.8x / 3.6x / 12.4x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
+# Inside fit, sticking_the_landing="auto" uses the path-derivative gradient up to this many latent
+# dimensions. Measured with fit's compiled step, 64 particles (python -m vi_flows.bench stl): a step
+# costs 1.9x / 2.8x / 3.6x / 12.4x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
 STICKING_THE_LANDING_MAX_DIM = 20
+_TRACE_ELBO_OBJECTIVE = contextvars.ContextVar("trace_elbo_objective", default=False)
+
+
+@contextlib.contextmanager
+def trace_elbo_objective():
+    """Declare that guides are being fitted by a ``Trace_ELBO``-type objective, for which the
+    path-derivative gradient is unbiased (``fit`` does): ``AutoFlow(sticking_the_landing="auto")``
+    then uses it. Outside, an objective such as ``RenyiELBO`` may be in use, and "auto" does not."""
+    token = _TRACE_ELBO_OBJECTIVE.set(True)
+    try:
+        yield
+    finally:
+        _TRACE_ELBO_OBJECTIVE.reset(token)
 
 # Chosen by measurement with the default fit on the zoo's exact models (README, "Choosing a flow"):
 # planar layers keep both modes of a mixture, the two IAF layers fit the funnel's neck.
@@ -250,9 +265,10 @@ class AutoFlow(AutoContinuous):
         through the draw, leaving out the score term, whose expectation is zero (Roeder, Wu &
         Duvenaud, "Sticking the Landing", NeurIPS 2017). The ELBO's value is unchanged; its
         gradient's variance vanishes as the guide approaches the posterior. Meant for
-        ``Trace_ELBO``-type objectives (``fit``'s); with Renyi/IWAE objectives it is biased. Each
-        step then costs the flow's Jacobian at every draw (D forward-mode passes), so ``"auto"``
-        (default) uses it up to ``STICKING_THE_LANDING_MAX_DIM`` = 20 latent dimensions.
+        ``Trace_ELBO``-type objectives; with Renyi/IWAE objectives it is biased. Each step then
+        costs the flow's Jacobian at every draw (D forward-mode passes), so ``"auto"`` (default)
+        uses it inside :func:`vi_flows.fit` (see :func:`trace_elbo_objective`) up to
+        ``STICKING_THE_LANDING_MAX_DIM`` = 20 latent dimensions, and not in Pyro's ``SVI``.
     :param flow_kwargs: passed to :func:`vi_flows.build_flow`.
 
     Example::
@@ -354,7 +370,7 @@ class AutoFlow(AutoContinuous):
     def get_posterior(self, *args, **kwargs):
         sticking = self.sticking_the_landing
         if sticking == "auto":
-            sticking = self.latent_dim <= STICKING_THE_LANDING_MAX_DIM
+            sticking = _TRACE_ELBO_OBJECTIVE.get() and self.latent_dim <= STICKING_THE_LANDING_MAX_DIM
         path_derivative = self._path_derivative if sticking else None
         return FlowPosterior(self.get_base_dist(), self.get_transform(*args, **kwargs), path_derivative)
 
