@@ -250,7 +250,7 @@ def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=2
                 errors = moment_errors(guide.sample_constrained(100000), reference_moments(module))
                 mean_error, sd_error = worst_moment_errors(errors)
                 print(
-                    f"{target:<20} {str(stl):<5} {seed:>4} {f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
+                    f"{target:<20} {stl!s:<5} {seed:>4} {f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
                     f"{mean_error:>9.3f} {sd_error:>7.3f} {result.num_steps:>6} {result.seconds:>8.1f}",
                     flush=True,
                 )
