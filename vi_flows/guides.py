@@ -28,9 +28,13 @@ INITS = ("auto", "laplace", "prior")
 # Draws behind init="auto"'s choice between the prior point and the Laplace fit.
 INIT_ELBO_PARTICLES = 32
 
+# Chosen by measurement with the default fit on the zoo's exact models (README, "Choosing a flow"):
+# planar layers keep both modes of a mixture, the two IAF layers fit the funnel's neck.
+DEFAULT_FLOW = "planar*8+iaf*2"
+
 # Inside fit, sticking_the_landing="auto" uses the path-derivative gradient up to this many latent
 # dimensions. Measured with fit's compiled step, 64 particles (python -m vi_flows.bench stl): a step
-# costs 1.9x / 2.8x / 3.6x / 12.4x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
+# costs 2.1x / 3.0x / 4.3x / 12.9x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
 STICKING_THE_LANDING_MAX_DIM = 20
 _TRACE_ELBO_OBJECTIVE = contextvars.ContextVar("trace_elbo_objective", default=False)
 
@@ -45,10 +49,6 @@ def trace_elbo_objective():
         yield
     finally:
         _TRACE_ELBO_OBJECTIVE.reset(token)
-
-# Chosen by measurement with the default fit on the zoo's exact models (README, "Choosing a flow"):
-# planar layers keep both modes of a mixture, the two IAF layers fit the funnel's neck.
-DEFAULT_FLOW = "planar*8+iaf*2"
 
 
 def transform_fn(spec, **flow_kwargs):
@@ -261,9 +261,9 @@ class AutoFlow(AutoContinuous):
     :param callable init_loc_fn: per-site initialisation (as in Pyro); sites it cannot sample,
         such as ``ImproperUniform``, start at the origin of unconstrained space.
     :param float init_scale: initial :math:`\sigma` of the ``"prior"`` initialisation.
-    :param sticking_the_landing: ``True``, ``False`` or ``"auto"``: differentiate :math:`\log q` at the guide's own draws only
-        through the draw, leaving out the score term, whose expectation is zero (Roeder, Wu &
-        Duvenaud, "Sticking the Landing", NeurIPS 2017). The ELBO's value is unchanged; its
+    :param sticking_the_landing: ``True``, ``False`` or ``"auto"``: differentiate :math:`\log q`
+        at the guide's own draws only through the draw, leaving out the score term, whose
+        expectation is zero (Roeder, Wu & Duvenaud, "Sticking the Landing", NeurIPS 2017). The ELBO's value is unchanged; its
         gradient's variance vanishes as the guide approaches the posterior. Meant for
         ``Trace_ELBO``-type objectives; with Renyi/IWAE objectives it is biased. Each step then
         costs the flow's Jacobian at every draw (D forward-mode passes), so ``"auto"`` (default)

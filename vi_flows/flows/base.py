@@ -80,7 +80,6 @@ def solve_monotone(func, derivative, target, lower, upper, num_iters=60):
     return t
 
 
-
 def forward_and_log_det(transform, x):
     """``(y, log|det dy/dx|)`` of any transform, without touching the caches of :class:`FlowTransform`
     parts (whose forward pass is a pure function); other transforms run through their public call."""
