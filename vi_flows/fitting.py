@@ -165,6 +165,9 @@ def fit(
     compiling fails (the result's ``compile_failure`` says why); ``True`` raises
     :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
 
+    The loss is ``Trace_ELBO``'s, so an ``AutoFlow`` left at ``sticking_the_landing="auto"`` takes
+    the path-derivative gradient here, up to 20 latent dimensions (see :class:`~vi_flows.AutoFlow`).
+
     If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
     restored and :class:`FittingError` names the step.
     """
