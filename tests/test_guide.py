@@ -257,8 +257,8 @@ def test_a_used_guide_can_be_copied_and_saved_whole():
         torch.testing.assert_close(other.get_posterior(DATA).sample((5,)), expected, rtol=0, atol=0)
 
 
-def _frozen_log_prob_gradients(guide, draw):
-    """Gradients of log q(draw) with the parameters held fixed, computed through the flow's exact inverse."""
+def _frozen_log_prob(guide, draw):
+    """log q(draw) with the parameters held fixed (a frozen copy), computed through the flow's exact inverse."""
     frozen = copy.deepcopy(guide)
     frozen.requires_grad_(False)
     frozen.sticking_the_landing = False
@@ -277,14 +277,14 @@ def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, f
     posterior = guide.get_posterior()
     draw = posterior.rsample((6,))
     log_q = posterior.log_prob(draw)
-    reference = _frozen_log_prob_gradients(guide, draw)
+    reference = _frozen_log_prob(guide, draw)
     torch.testing.assert_close(log_q, reference)
     parameters = list(guide.parameters())
     gradients = torch.autograd.grad(log_q.sum(), parameters, retain_graph=True, allow_unused=True, materialize_grads=True)
     expected = torch.autograd.grad(reference.sum(), parameters, allow_unused=True, materialize_grads=True)
     for name, gradient, wanted in zip(dict(guide.named_parameters()), gradients, expected):
         torch.testing.assert_close(gradient, wanted, msg=name)
-    # Elsewhere, or without a gradient, the density is the plain one.
+    # At any other point (here a copy of the draw) the plain density is computed, through the inverse.
     torch.testing.assert_close(posterior.log_prob(draw.clone()), log_q)
 
 
