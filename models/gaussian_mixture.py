@@ -24,3 +24,8 @@ def model():
 def sample_posterior(num_samples):
     centres = CENTRES[torch.randint(2, (num_samples,))]
     return {"x": centres + torch.randn(num_samples, 2)}
+
+
+def posterior_moments():
+    """Exact ``{site: (mean, sd)}``: Var(x_1) = 3^2 + 1 between and within the components."""
+    return {"x": (torch.zeros(2), torch.tensor([10.0, 1.0]).sqrt())}

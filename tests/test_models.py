@@ -9,7 +9,11 @@ import torch
 from pyro.infer import Trace_ELBO
 from vi_flows.models import (
     autoregression,
+    banana,
+    correlated_gaussian,
     energy_u2,
+    funnel,
+    gaussian_mixture,
     reference_moments,
     regression_scaled,
 )
@@ -25,13 +29,31 @@ def test_energy_u2_log_z_matches_the_closed_form():
     assert abs(energy_u2.LOG_Z - expected) < 1e-4
 
 
-@pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
-def test_conjugate_moments_match_the_exact_sampler(module):
+@pytest.mark.parametrize(
+    "module",
+    [regression_scaled, autoregression, correlated_gaussian, banana, gaussian_mixture],
+    ids=lambda m: m.__name__.split(".")[-1],
+)
+def test_closed_form_moments_match_the_exact_sampler(module):
     torch.manual_seed(0)
     draws = module.sample_posterior(200000)
     for name, (mean, sd) in reference_moments(module).items():
         torch.testing.assert_close(draws[name].mean(0), mean, atol=0.02 * sd.max().item(), rtol=0)
         torch.testing.assert_close(draws[name].std(0), sd, rtol=0.02, atol=0)
+
+
+def test_funnel_moments_match_the_sampler_and_quadrature():
+    """y's moments against exact draws; x's sd, whose sample estimate converges too slowly to check,
+    against E[exp(y)] by quadrature over y ~ N(0, 3)."""
+    torch.manual_seed(0)
+    moments = funnel.posterior_moments()
+    draws = funnel.sample_posterior(200000)
+    torch.testing.assert_close(draws["y"].mean(), moments["y"][0], atol=0.02 * 3, rtol=0)
+    torch.testing.assert_close(draws["y"].std(), moments["y"][1], rtol=0.02, atol=0)
+    y = torch.linspace(-40.0, 40.0, 80001, dtype=torch.float64)
+    x_var = torch.trapezoid(y.exp() * pyro.distributions.Normal(0.0, 3.0).log_prob(y).exp(), y)
+    torch.testing.assert_close(moments["x"][1], x_var.sqrt().float().expand(funnel.NUM_X), rtol=1e-4, atol=0)
+    assert (moments["x"][0] == 0).all()  # x_i | y is centred for every y
 
 
 @pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
