@@ -32,3 +32,9 @@ def test_sticking_the_landing_table_has_a_row_per_setting_and_seed(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[0] == "2" and len(lines) == 7
     assert [row.split()[:3] for row in lines[5:]] == [["banana", "False", "0"], ["banana", "True", "0"]]
+
+
+def test_choose_table_has_a_row_per_flow_target_and_seed(capsys):
+    bench.choose(specs=("planar*2", "iaf"), targets=("banana",), seeds=(0, 1), num_steps=5)
+    rows = [row.split()[:3] for row in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [[spec, "banana", seed] for spec in ("planar*2", "iaf") for seed in ("0", "1")]

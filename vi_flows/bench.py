@@ -7,7 +7,8 @@ measured interleaved in one run, and the ratio of ``fit``'s step to Pyro's SVI s
 and prints KL(q || p) = log Z - ELBO (ELBO from 4096 draws, with its standard error).
 ``fit`` compares the default ``fit(model, AutoFlow(model))`` with a fixed-budget loop on Pyro's
 full-rank guide and with Pyro's NUTS, by their moment errors against the exact posterior.
-``choose`` fits candidate default flows with the default ``fit`` and prints their KL.
+``choose`` fits candidate default flows with the default ``fit`` and prints their KL and moment
+errors (``--flows`` and ``--seeds`` pick which).
 ``stl`` compares the default fit with and without ``sticking_the_landing`` over several seeds and
 prints what the path-derivative gradient costs per step.
 """
@@ -238,47 +239,62 @@ def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=2
             cost.append((time.perf_counter() - start) / steps * 1e3)
         print(f"{dim:>4} {cost[0]:>8.2f} {cost[1]:>8.2f} {cost[1] / cost[0]:>6.1f}", flush=True)
     print("default fit(model, AutoFlow(model, sticking_the_landing=...)); KL from 4096 draws, moments from 100000")
-    print(f"{'target':<20} {'stl':<5} {'seed':>4} {'KL':>16} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}")
+    print(f"{'target':<20} {'stl':<5} {'seed':>4} {FIT_ROW_HEADER}")
     for target in targets:
         module = importlib.import_module(f"vi_flows.models.{target}")
         for stl in (False, True):
             for seed in seeds:
-                pyro.clear_param_store()
-                guide = AutoFlow(module.model, sticking_the_landing=stl)
-                result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps)
-                value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
-                errors = moment_errors(guide.sample_constrained(100000), reference_moments(module))
-                mean_error, sd_error = worst_moment_errors(errors)
-                print(
-                    f"{target:<20} {stl!s:<5} {seed:>4} {f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
-                    f"{mean_error:>9.3f} {sd_error:>7.3f} {result.num_steps:>6} {result.seconds:>8.1f}",
-                    flush=True,
-                )
+                guide_options = {"sticking_the_landing": stl}
+                print(f"{target:<20} {stl!s:<5} {seed:>4} {_fit_row(module, guide_options, seed, num_steps)}", flush=True)
 
 
-CANDIDATE_FLOWS = (*SPECS.values(), "householder*8", "iaf*4", "iaf*2+planar*8", "planar*8+iaf*2")
+FIT_ROW_HEADER = f"{'KL':>16} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}"
 
 
-def choose(specs=CANDIDATE_FLOWS, targets=("banana", "funnel", "gaussian_mixture"), seed=0):
-    """KL of ``fit(model, AutoFlow(model, flow=spec))`` for candidate default flows."""
-    print("KL(q || p) after the default fit (no lr or step count), ELBO from 4096 draws")
-    print(f"{'flow':<32} " + " ".join(f"{target:>18}" for target in targets))
+def _fit_row(module, guide_options, seed, num_steps=None):
+    """Fit ``AutoFlow(module.model, **guide_options)`` with the default ``fit``; return its KL
+    (4096 draws), worst moment errors against the exact posterior (100000 draws), steps and seconds."""
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, **guide_options)
+    result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps)
+    value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
+    errors = moment_errors(guide.sample_constrained(100000), reference_moments(module))
+    mean_error, sd_error = worst_moment_errors(errors)
+    return (
+        f"{f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
+        f"{mean_error:>9.3f} {sd_error:>7.3f} {result.num_steps:>6} {result.seconds:>8.1f}"
+    )
+
+
+CANDIDATE_FLOWS = (
+    *SPECS.values(),
+    "householder*8",
+    "iaf*4",
+    "iaf*2+planar*8",
+    "householder*4+iaf*2",
+    "planar*8+iaf*2",
+    "planar*16+iaf*2",
+    "planar*8+iaf*4",
+)
+
+
+def choose(specs=CANDIDATE_FLOWS, targets=("banana", "funnel", "gaussian_mixture"), seeds=(0,), num_steps=None):
+    """KL and moment errors of ``fit(model, AutoFlow(model, flow=spec))`` for candidate default flows."""
+    print("the default fit (no lr or step count) of AutoFlow(model, flow=...); KL from 4096 draws, moments from 100000")
+    print(f"{'flow':<24} {'target':<20} {'seed':>4} {FIT_ROW_HEADER}")
     for spec in specs:
-        cells = []
         for target in targets:
             module = importlib.import_module(f"vi_flows.models.{target}")
-            pyro.clear_param_store()
-            guide = AutoFlow(module.model, flow=spec)
-            fit(module.model, guide, seed=seed, progress=False)
-            value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
-            cells.append(f"{module.LOG_Z - value:.3f} +- {error:.3f}")
-        print(f"{spec:<32} " + " ".join(f"{cell:>18}" for cell in cells), flush=True)
+            for seed in seeds:
+                print(f"{spec:<24} {target:<20} {seed:>4} {_fit_row(module, {'flow': spec}, seed, num_steps)}", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vi_flows.bench", description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="?", default="all", choices=["speed", "kl", "fit", "choose", "stl", "all"])
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps per fit in the KL table")
+    parser.add_argument("--flows", help="comma-separated flow specs for choose (default: its candidates)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds for choose")
     args = parser.parse_args(argv)
     if args.which in ("speed", "all"):
         speed()
@@ -287,7 +303,8 @@ def main(argv=None):
     if args.which in ("fit", "all"):
         fitting()
     if args.which in ("choose", "all"):
-        choose()
+        specs = tuple(args.flows.split(",")) if args.flows else CANDIDATE_FLOWS
+        choose(specs, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
     if args.which in ("stl", "all"):
         sticking()
 
