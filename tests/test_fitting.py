@@ -66,12 +66,17 @@ def test_nan_loss_names_the_step_and_restores_finite_parameters(compile):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["regression_scaled", "autoregression", "correlated_gaussian", "gaussian_mixture"])
+@pytest.mark.parametrize(
+    "target", ["regression_scaled", "autoregression", "correlated_gaussian", "gaussian_mixture", "banana"]
+)
 def test_default_fit_recovers_exact_posterior_moments(target):
     """No learning rate, no step count: every mean within 0.1 sd and every sd within 10%.
 
     The regression's coefficient sds span 1e-4 to 0.1; a fixed-rate loop on Pyro's full-rank guide
-    misses its means by several sds (``python -m vi_flows.bench fit``).
+    misses its means by several sds (``python -m vi_flows.bench fit``). The banana's x2 sd, a fourth
+    moment of x1, was 0.93-0.95 of the truth over seeds 0-5 (``python -m vi_flows.bench choose``).
+    The funnel is left out: its x sd is 84% made of y > 6, 2.3% of the mass, which no guide fitted by
+    the ELBO here reaches (README, "Fitting").
     """
     module = importlib.import_module(f"vi_flows.models.{target}")
     pyro.clear_param_store()
