@@ -6,6 +6,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
+from pyro.infer.reparam import LocScaleReparam
 
 from vi_flows import AutoFlow, fit
 from vi_flows.arviz_export import to_inference_data
@@ -55,3 +57,17 @@ def test_arviz_functions_accept_it(idata, tmp_path):
     assert list(summary.index) == ["mu", "tau"]
     idata.to_netcdf(tmp_path / "guide.nc")
     assert az.from_netcdf(tmp_path / "guide.nc").posterior["theta"].shape == (1, 300, 8)
+
+
+def test_deterministic_sites_of_a_reparameterised_model_join_the_posterior():
+    """Non-centring ``theta`` makes it a ``pyro.deterministic`` site, which Pyro marks observed."""
+    model = poutine.reparam(eight_schools, config={"theta": LocScaleReparam(0.0)})
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="planar*2")
+    fit(model, guide, Y, num_steps=20, progress=False, seed=0)
+    exported = to_inference_data(guide, model, Y, num_samples=50)
+    assert {"mu", "tau", "theta_decentered", "theta"} == set(exported.posterior.data_vars)
+    assert exported.posterior["theta"].dims == ("chain", "draw", "school")
+    assert list(exported.log_likelihood.data_vars) == ["obs"]
+    centred = exported.posterior["mu"] + exported.posterior["tau"] * exported.posterior["theta_decentered"]
+    np.testing.assert_allclose(exported.posterior["theta"], centred, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,8 @@
 """Export a fitted guide's posterior to ArviZ ``InferenceData`` (ArviZ's ``from_pyro`` takes MCMC only)."""
 
+import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
 from .diagnostics import max_plate_nesting
@@ -20,11 +22,19 @@ def _dims(name, shape, event_dim, frames, plate_sizes):
     return names
 
 
+def _is_deterministic(site):
+    """A ``pyro.deterministic`` site, or a value ``poutine.reparam`` computes (the centred ``x`` of a
+    non-centred model): Pyro records both as observed, with a point mass masked out of the density."""
+    fn = site["fn"]
+    return isinstance(fn, dist.MaskedDistribution) and fn._mask is False and isinstance(fn.base_dist, dist.Delta)
+
+
 @torch.no_grad()
 def to_inference_data(guide, model, *args, num_samples=1000, **kwargs):
     """Draw ``num_samples`` from ``guide`` and return an ``arviz.InferenceData`` with groups
 
-    - ``posterior``: every latent site in the model's constrained space, with a plate's name as the
+    - ``posterior``: every latent site in the model's constrained space, and every deterministic
+      one (``pyro.deterministic``, or computed by ``poutine.reparam``), with a plate's name as the
       dimension of its axis;
     - ``sample_stats``: ``log_p`` (model log joint), ``log_q`` (guide log density) and
       ``log_weight = log_p - log_q`` of each draw (the importance ratios behind PSIS k-hat);
@@ -46,17 +56,23 @@ def to_inference_data(guide, model, *args, num_samples=1000, **kwargs):
         if site["type"] == "sample"
     )
     posterior, log_likelihood, observed, dims, plate_sizes = {}, {}, {}, {}, {}
-    latent_shapes = {name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+    posterior_shapes = {name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+    # Deterministic sites are functions of the latents: they join the posterior, with their shapes
+    # from one model run on one guide draw (the guide's prototype leaves them out, as observed).
+    single_run = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*args, **kwargs)))
+    for name, site in single_run.get_trace(*args, **kwargs).nodes.items():
+        if site["type"] == "sample" and _is_deterministic(site):
+            posterior_shapes[name] = site["value"].shape
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        if site["is_observed"]:
+        if name in posterior_shapes:
+            shape = posterior_shapes[name]
+            posterior[name] = site["value"].reshape((1, num_samples) + shape).cpu().numpy()
+        elif site["is_observed"]:
             shape = site["value"].shape
             log_likelihood[name] = site["log_prob"].reshape((1, num_samples) + shape).cpu().numpy()
             observed[name] = site["value"].cpu().numpy()
-        elif name in latent_shapes:
-            shape = latent_shapes[name]
-            posterior[name] = site["value"].reshape((1, num_samples) + shape).cpu().numpy()
         else:
             continue
         dims[name] = _dims(name, shape, site["fn"].event_dim, site["cond_indep_stack"], plate_sizes)
