@@ -35,7 +35,7 @@ DEFAULT_FLOW = "planar*8+iaf*4"
 
 # Inside fit, sticking_the_landing="auto" uses the path-derivative gradient up to this many latent
 # dimensions. Measured with fit's compiled step, 64 particles (python -m vi_flows.bench stl): a step
-# costs 2.1x / 3.0x / 4.3x / 12.9x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
+# costs 2.2x / 2.9x / 4.4x / 15.3x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
 STICKING_THE_LANDING_MAX_DIM = 20
 _TRACE_ELBO_OBJECTIVE = contextvars.ContextVar("trace_elbo_objective", default=False)
 
