@@ -221,6 +221,24 @@ def fitting(targets=KNOWN_LOG_Z, seed=0):
             print(f"{target:<20} {method:<46} {mean_error:>9.3f} {sd_error:>7.3f} {steps:>6} {seconds:>8.1f}", flush=True)
 
 
+FIT_ROW_HEADER = f"{'KL':>16} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}"
+
+
+def _fit_row(module, guide_options, seed, num_steps=None):
+    """Fit ``AutoFlow(module.model, **guide_options)`` with the default ``fit``; return its KL
+    (4096 draws), worst moment errors against the exact posterior (100000 draws), steps and seconds."""
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, **guide_options)
+    result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps)
+    value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
+    errors = moment_errors(guide.sample_constrained(100000), reference_moments(module))
+    mean_error, sd_error = worst_moment_errors(errors)
+    return (
+        f"{f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
+        f"{mean_error:>9.3f} {sd_error:>7.3f} {result.num_steps:>6} {result.seconds:>8.1f}"
+    )
+
+
 def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=200, num_steps=None):
     """The default fit with and without ``sticking_the_landing`` (KL and moment errors against the
     exact posterior, several seeds), and what the path-derivative gradient costs per step."""
@@ -246,24 +264,6 @@ def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=2
             for seed in seeds:
                 guide_options = {"sticking_the_landing": stl}
                 print(f"{target:<20} {stl!s:<5} {seed:>4} {_fit_row(module, guide_options, seed, num_steps)}", flush=True)
-
-
-FIT_ROW_HEADER = f"{'KL':>16} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}"
-
-
-def _fit_row(module, guide_options, seed, num_steps=None):
-    """Fit ``AutoFlow(module.model, **guide_options)`` with the default ``fit``; return its KL
-    (4096 draws), worst moment errors against the exact posterior (100000 draws), steps and seconds."""
-    pyro.clear_param_store()
-    guide = AutoFlow(module.model, **guide_options)
-    result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps)
-    value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
-    errors = moment_errors(guide.sample_constrained(100000), reference_moments(module))
-    mean_error, sd_error = worst_moment_errors(errors)
-    return (
-        f"{f'{module.LOG_Z - value:.4f} +- {error:.4f}':>16} "
-        f"{mean_error:>9.3f} {sd_error:>7.3f} {result.num_steps:>6} {result.seconds:>8.1f}"
-    )
 
 
 CANDIDATE_FLOWS = (
