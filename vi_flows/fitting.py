@@ -158,7 +158,7 @@ def fit(
 
     ``compile``: with ``True`` the loss is traced into one graph and compiled with
     ``torch.compile`` (see :func:`~vi_flows.compiled_elbo.compile_negative_elbo`): a step then
-    costs 0.15-0.5x an eager one, after 5-18 s of compiling (less from PyTorch's cache). This
+    costs 0.15-0.5x an eager one, after 5-35 s of compiling (less from PyTorch's cache). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
