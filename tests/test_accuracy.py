@@ -11,7 +11,7 @@ import pyro
 import pytest
 from pyro.infer import SVI, Trace_ELBO
 
-from vi_flows import AutoFlow, available_flows, fit
+from vi_flows import AutoFlow, available_flows
 from vi_flows.diagnostics import elbo_estimate, log_importance_weights
 
 pytestmark = pytest.mark.slow
@@ -38,11 +38,9 @@ def kl_of(module, guide):
         ("gaussian_mixture", 0.005),
     ],
 )
-def test_default_fit_reaches_measured_kl(target, threshold):
+def test_default_fit_reaches_measured_kl(target, threshold, default_fit):
     module = importlib.import_module(f"vi_flows.models.{target}")
-    pyro.clear_param_store()
-    guide = AutoFlow(module.model)
-    fit(module.model, guide, seed=0, progress=False)
+    guide, _ = default_fit(target)
     kl, standard_error = kl_of(module, guide)
     assert kl > -3 * standard_error, f"ELBO above log Z: KL {kl:.3f} +- {standard_error:.3f}"
     assert kl < threshold, f"default guide on {target}: KL {kl:.3f} +- {standard_error:.3f}"

@@ -77,7 +77,7 @@ def test_nan_loss_names_the_step_and_restores_finite_parameters(compile):
 @pytest.mark.parametrize(
     "target", ["regression_scaled", "autoregression", "correlated_gaussian", "gaussian_mixture", "banana"]
 )
-def test_default_fit_recovers_exact_posterior_moments(target):
+def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
     """No learning rate, no step count: every mean within 0.1 sd and every sd within 10%.
 
     The regression's coefficient sds span 1e-4 to 0.1; a fixed-rate loop on Pyro's full-rank guide
@@ -87,9 +87,7 @@ def test_default_fit_recovers_exact_posterior_moments(target):
     the ELBO here reaches (README, "Fitting").
     """
     module = importlib.import_module(f"vi_flows.models.{target}")
-    pyro.clear_param_store()
-    guide = AutoFlow(module.model)
-    result = fit(module.model, guide, seed=0, progress=False)
+    guide, result = default_fit(target)
     assert result.stop_reason.startswith("converged")
     worst_mean, worst_sd = worst_moment_errors(moment_errors(guide.sample_constrained(20000), reference_moments(module)))
     assert worst_mean < 0.1, f"worst standardised mean error {worst_mean:.3f}"
