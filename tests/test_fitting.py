@@ -84,7 +84,7 @@ def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
     misses its means by several sds (``python -m vi_flows.bench fit``). The banana's x2 sd, a fourth
     moment of x1, was 0.93-0.95 of the truth over seeds 0-5 (``python -m vi_flows.bench choose``).
     The funnel is left out: its x sd is 84% made of y > 6, 2.3% of the mass, which no guide fitted by
-    the ELBO here reaches (README, "Fitting").
+    the ELBO here reaches (README, "Choosing a flow").
     """
     module = importlib.import_module(f"vi_flows.models.{target}")
     guide, result = default_fit(target)
@@ -98,7 +98,7 @@ def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
 def test_default_fit_of_the_non_centred_funnel_is_exact():
     """Non-centred with Pyro's ``LocScaleReparam``, the funnel's posterior over (y, x_decentered) is
     N(0, 3^2) x N(0, 1)^9, which the default flow reaches (KL < 0.0001, seeds 0-2), so the x = exp(y/2)
-    x_decentered it implies has the funnel's heavy tails, which the centred fit misses (README, "Fitting")."""
+    x_decentered it implies has the funnel's heavy tails, which the centred fit misses (README, "Choosing a flow")."""
     funnel = load_model("funnel")
     model = poutine.reparam(funnel.model, config={"x": LocScaleReparam(0.0)})
     pyro.clear_param_store()
