@@ -60,7 +60,7 @@ def test_arviz_functions_accept_it(idata, tmp_path):
 
 
 def test_deterministic_sites_of_a_reparameterised_model_join_the_posterior():
-    """Non-centring ``theta`` makes it a ``pyro.deterministic`` site, which Pyro marks observed."""
+    """Non-centred, ``theta`` is a value ``poutine.reparam`` computes, which Pyro records as observed."""
     model = poutine.reparam(eight_schools, config={"theta": LocScaleReparam(0.0)})
     pyro.clear_param_store()
     guide = AutoFlow(model, flow="planar*2")
@@ -71,3 +71,18 @@ def test_deterministic_sites_of_a_reparameterised_model_join_the_posterior():
     assert list(exported.log_likelihood.data_vars) == ["obs"]
     centred = exported.posterior["mu"] + exported.posterior["tau"] * exported.posterior["theta_decentered"]
     np.testing.assert_allclose(exported.posterior["theta"], centred, rtol=1e-4, atol=1e-4)
+
+
+def test_pyro_deterministic_sites_join_the_posterior():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        pyro.deterministic("mu_plus_one", mu + 1)
+        with pyro.plate("school", 8):
+            pyro.sample("obs", dist.Normal(mu, SIGMA), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="planar*2")
+    exported = to_inference_data(guide, model, Y, num_samples=50)
+    assert {"mu", "mu_plus_one"} == set(exported.posterior.data_vars)
+    assert list(exported.log_likelihood.data_vars) == ["obs"]
+    np.testing.assert_allclose(exported.posterior["mu_plus_one"], exported.posterior["mu"] + 1, rtol=1e-5, atol=1e-5)
