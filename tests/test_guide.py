@@ -449,3 +449,24 @@ def test_log_density_at_punishes_a_guide_that_misses_mass():
     exact = AutoFlow(model, init="laplace")
     draws = {"x": torch.randn(5000, 2)}
     assert log_density_at(narrow, draws).mean() < log_density_at(exact, draws).mean() - 40
+
+
+def test_scale_iaf_represents_the_centred_funnel_exactly():
+    """Pyro packs latents in sampling order, parents first, so one ``scale-iaf`` layer can give each
+    x_i the scale exp(y / 2) of Neal's funnel: with base sds (3, 1, ..., 1) and weight 1/2 from y to
+    every x_i, q is the posterior and every importance weight is 1."""
+    from vi_flows.diagnostics import log_importance_weights
+    from vi_flows.models import funnel
+
+    origin = init_to_value(values={"y": torch.tensor(0.0), "x": torch.zeros(funnel.NUM_X)})
+    guide = AutoFlow(funnel.model, flow="scale-iaf", init="prior", init_loc_fn=origin, init_scale=1.0)
+    guide()
+    with torch.no_grad():
+        guide.base_scale = torch.tensor([3.0] + [1.0] * funnel.NUM_X)
+        guide.flow.log_scale_weight[0, 1:, 0] = 0.5
+    log_weights = log_importance_weights(funnel.model, guide, num_samples=2000)
+    assert log_weights.abs().max() < 1e-4
+    with torch.no_grad():  # the same weight in the other direction is masked out: y comes first
+        guide.flow.log_scale_weight.zero_()
+        guide.flow.log_scale_weight[0, 0, 1:] = 0.5
+    assert log_importance_weights(funnel.model, guide, num_samples=2000).abs().max() > 1

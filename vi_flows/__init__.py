@@ -12,6 +12,7 @@ from .flows import (
     OrthogonalSylvester,
     Planar,
     Radial,
+    ScaleIAF,
     TriangularSylvester,
 )
 from .guides import AutoFlow, log_density_at, sample_constrained, trace_elbo_objective, transform_fn
@@ -39,6 +40,7 @@ __all__ = [
     "OrthogonalSylvester",
     "Planar",
     "Radial",
+    "ScaleIAF",
     "TriangularSylvester",
     "available_flows",
     "build_flow",

@@ -1,4 +1,5 @@
-"""Inverse autoregressive flows (Kingma et al., 2016)."""
+"""Affine autoregressive flows (Kingma et al., 2016): IAF with a MADE network, and autoregressive
+rescalings with linear log-scales."""
 
 import math
 
@@ -18,12 +19,56 @@ def _made_masks(dim, hidden_dim, input_degrees):
     return input_mask, output_mask
 
 
+class AffineAutoregressive(FlowTransform):
+    r"""A stack of affine autoregressive layers :math:`z'_i = \mu_i(z_{<i}) + e^{s_i(z_{<i})} z_i`,
+    :math:`\log|\det J| = \sum_i s_i`, whose conditioners :math:`(\mu, s)` subclasses supply through
+    ``_shift_and_log_scale(x, k)``. Layer ``k`` runs in the natural order for even ``k`` and the
+    reversed one for odd ``k``; the inverse solves for one coordinate at a time in that order.
+    """
+
+    gated = False
+
+    def _layer(self, x, k):
+        shift, log_scale = self._shift_and_log_scale(x, k)
+        if self.gated:
+            gate = log_scale.exp()
+            return gate * x + (1 - gate) * shift, log_scale.sum(-1)
+        return shift + log_scale.exp() * x, log_scale.sum(-1)
+
+    def forward_and_log_det(self, x):
+        log_det = x.new_zeros(x.shape[:-1])
+        for k in range(self.num_layers):
+            x, layer_log_det = self._layer(x, k)
+            log_det = log_det + layer_log_det
+        return x, log_det
+
+    def _order(self, k):
+        """The order of layer ``k``'s coordinates: natural for even ``k``, reversed for odd."""
+        return range(self.dim) if k % 2 == 0 else reversed(range(self.dim))
+
+    def _inverse(self, y):
+        for k in reversed(range(self.num_layers)):
+            x = torch.zeros_like(y)
+            # Coordinate i depends only on coordinates earlier in the layer's order, so one pass
+            # per coordinate, in that order, recovers x exactly.
+            for i in self._order(k):
+                shift, log_scale = self._shift_and_log_scale(x, k)
+                scale = log_scale[..., i].exp()
+                x = x.clone()  # x was used above: write into a copy so autograd stays valid
+                if self.gated:
+                    x[..., i] = (y[..., i] - (1 - scale) * shift[..., i]) / scale
+                else:
+                    x[..., i] = (y[..., i] - shift[..., i]) / scale
+            y = x
+        return y
+
+
 @register_flow(
     "iaf",
     stackable=True,
     description="affine inverse autoregressive flow with a MADE network (Kingma et al. 2016)",
 )
-class IAF(FlowTransform):
+class IAF(AffineAutoregressive):
     r"""A stack of ``num_layers`` affine inverse autoregressive layers held in one module.
 
     Each layer runs a masked autoencoder (MADE) with one hidden layer on :math:`z` to get
@@ -73,36 +118,59 @@ class IAF(FlowTransform):
             return shift, F.logsigmoid(raw_scale + self.gate_bias)
         return shift, raw_scale.clamp(*self.log_scale_bounds)
 
-    def _layer(self, x, k):
-        shift, log_scale = self._shift_and_log_scale(x, k)
-        if self.gated:
-            gate = log_scale.exp()
-            return gate * x + (1 - gate) * shift, log_scale.sum(-1)
-        return shift + log_scale.exp() * x, log_scale.sum(-1)
-
-    def forward_and_log_det(self, x):
-        log_det = x.new_zeros(x.shape[:-1])
-        for k in range(self.num_layers):
-            x, layer_log_det = self._layer(x, k)
-            log_det = log_det + layer_log_det
-        return x, log_det
-
-    def _inverse(self, y):
-        for k in reversed(range(self.num_layers)):
-            order = range(self.dim) if k % 2 == 0 else reversed(range(self.dim))
-            x = torch.zeros_like(y)
-            # Coordinate i depends only on coordinates earlier in the layer's order, so one pass
-            # per coordinate, in that order, recovers x exactly.
-            for i in order:
-                shift, log_scale = self._shift_and_log_scale(x, k)
-                scale = log_scale[..., i].exp()
-                x = x.clone()  # x was used above: write into a copy so autograd stays valid
-                if self.gated:
-                    x[..., i] = (y[..., i] - (1 - scale) * shift[..., i]) / scale
-                else:
-                    x[..., i] = (y[..., i] - shift[..., i]) / scale
-            y = x
-        return y
-
     def extra_repr(self):
         return f"{super().extra_repr()}, hidden_dim={self.hidden_dim}, gated={self.gated}"
+
+
+@register_flow(
+    "scale-iaf",
+    stackable=True,
+    description="affine autoregressive layer whose log-scale is linear in the earlier coordinates: "
+    "scales that follow a parent's value, as in funnels",
+)
+class ScaleIAF(AffineAutoregressive):
+    r"""A stack of ``num_layers`` autoregressive rescalings with linear log-scales.
+
+    Each layer maps
+
+    .. math:: z'_i = b_i + e^{s_i} z_i, \quad s = c + M z, \qquad \log|\det J| = \sum_i s_i,
+
+    with :math:`M` strictly lower triangular: coordinate :math:`i` is rescaled by the exponential of
+    a linear function of the coordinates before it. This is an affine IAF layer (Kingma et al.,
+    2016) whose network is linear and whose shift is constant. A MADE's log-scale saturates away
+    from the draws it was fitted on; a linear one extrapolates. In ``AutoFlow``'s packing order,
+    which is the model's sampling order, a child's scale can thus follow its parent's value: a
+    centred hierarchical latent ``x ~ Normal(mu, exp(u))``, with ``u`` the parent's unconstrained
+    value, has this shape, and so has Neal's funnel, which this layer represents exactly. Every
+    layer keeps the packing order, so a stack stays triangular. A linear shift is left out: with
+    it, random dense stacks of 17 dimensions had Jacobians of condition number 1e7-1e9, beyond
+    what a float32 inverse can recover; shifts come from the base and the other layers.
+    The layer starts at the identity, and :math:`s` is clamped to ``log_scale_bounds``, wide
+    enough for scales that vary by e^20, so that a far-out draw cannot overflow.
+
+    Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, "Improved Variational Inference with
+    Inverse Autoregressive Flow", NeurIPS 2016.
+
+    Example::
+
+        >>> flow = ScaleIAF(dim=3)
+        >>> z = torch.randn(4, 3)
+        >>> torch.equal(flow(z), z)  # the identity until trained
+        True
+    """
+
+    log_scale_bounds = (-10.0, 10.0)
+
+    def __init__(self, dim, num_layers=1):
+        super().__init__(dim, num_layers)
+        self.register_buffer("_mask", torch.ones(dim, dim).tril(-1))
+        self.shift = nn.Parameter(torch.zeros(num_layers, dim))
+        self.log_scale_weight = nn.Parameter(torch.zeros(num_layers, dim, dim))
+        self.log_scale_bias = nn.Parameter(torch.zeros(num_layers, dim))
+
+    def _order(self, k):
+        return range(self.dim)
+
+    def _shift_and_log_scale(self, x, k):
+        log_scale = x @ (self.log_scale_weight[k] * self._mask).T + self.log_scale_bias[k]
+        return self.shift[k].expand(x.shape), log_scale.clamp(*self.log_scale_bounds)
