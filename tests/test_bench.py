@@ -1,5 +1,7 @@
 """The benchmark script runs end to end on a tiny budget (its figures are not checked here)."""
 
+import pytest
+
 from vi_flows import bench
 
 
@@ -25,6 +27,16 @@ def test_fit_table_runs_every_method(monkeypatch, capsys):
     # Neither Pyro's autoguides nor its NUTS can initialise ImproperUniform; the table says so.
     assert "fails: NotImplementedError" in rows[0] and "fails: NotImplementedError" in rows[2]
     assert "fails" not in rows[1]
+
+
+@pytest.mark.filterwarnings("ignore:the NUTS reference may not have converged")
+def test_nuts_table_scores_deterministic_sites_of_the_reference_model(capsys, tmp_path):
+    # The centred eight schools against the non-centred model, whose theta is a pyro.deterministic site.
+    bench.fitting_against_nuts(
+        targets={"eight_schools": "eight_schools_noncentered"}, num_samples=10, warmup_steps=10, num_steps=5, cache_dir=tmp_path
+    )
+    row = capsys.readouterr().out.splitlines()[2].split()
+    assert row[:2] == ["eight_schools", "eight_schools_noncentered"] and row[-2] == "5"
 
 
 def test_sticking_the_landing_table_has_a_row_per_setting_and_seed(capsys):

@@ -22,8 +22,9 @@ def _made_masks(dim, hidden_dim, input_degrees):
 class AffineAutoregressive(FlowTransform):
     r"""A stack of affine autoregressive layers :math:`z'_i = \mu_i(z_{<i}) + e^{s_i(z_{<i})} z_i`,
     :math:`\log|\det J| = \sum_i s_i`, whose conditioners :math:`(\mu, s)` subclasses supply through
-    ``_shift_and_log_scale(x, k)``. Layer ``k`` runs in the natural order for even ``k`` and the
-    reversed one for odd ``k``; the inverse solves for one coordinate at a time in that order.
+    ``_shift_and_log_scale(x, k)``, with layer ``k``'s coordinates in the order ``_order(k)``
+    gives (by default natural for even ``k``, reversed for odd). The inverse solves for one
+    coordinate at a time in that order.
     """
 
     gated = False
@@ -169,7 +170,7 @@ class ScaleIAF(AffineAutoregressive):
         self.log_scale_bias = nn.Parameter(torch.zeros(num_layers, dim))
 
     def _order(self, k):
-        return range(self.dim)
+        return range(self.dim)  # every layer in the packing order
 
     def _shift_and_log_scale(self, x, k):
         log_scale = x @ (self.log_scale_weight[k] * self._mask).T + self.log_scale_bias[k]
