@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import importlib
 import io
 import warnings
 
@@ -470,3 +471,54 @@ def test_scale_iaf_represents_the_centred_funnel_exactly():
         guide.flow.log_scale_weight.zero_()
         guide.flow.log_scale_weight[0, 0, 1:] = 0.5
     assert log_importance_weights(funnel.model, guide, num_samples=2000).abs().max() > 1
+
+
+def _scale_parents_of(target):
+    from vi_flows.guides import scale_parents
+
+    module = importlib.import_module(f"vi_flows.models.{target}")
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, init="prior")
+    guide()
+    return scale_parents(guide)
+
+
+def test_scale_parents_are_the_sites_that_set_a_childs_prior_scale():
+    """The funnel's y (coordinate 0) sets every x_i's scale; the hierarchy's tau (coordinate 1) sets
+    every theta's, while its mu moves only their location; the banana's x1 moves only x2's location."""
+    funnel = _scale_parents_of("funnel")
+    assert funnel[1:, 0].all() and funnel.sum() == funnel.shape[0] - 1
+    hierarchical = _scale_parents_of("hierarchical_100")
+    assert hierarchical[2:, 1].all() and hierarchical.sum() == hierarchical.shape[0] - 2
+    assert not _scale_parents_of("banana").any()
+
+
+def test_autoflow_restricts_scale_iaf_to_the_models_scale_parents():
+    from vi_flows.models import banana, funnel
+
+    expected = _scale_parents_of("funnel")
+    pyro.clear_param_store()
+    guide = AutoFlow(funnel.model, flow="planar*2+scale-iaf", init="prior")
+    guide()
+    assert torch.equal(guide.flow.parts[-1]._mask.bool(), expected)
+    pyro.clear_param_store()
+    guide = AutoFlow(banana.model, flow="scale-iaf", init="prior")  # no scale parents: the identity
+    guide()
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        guide.flow.log_scale_weight.fill_(1.0)
+    assert torch.equal(guide.flow(z), z)
+    parents = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    pyro.clear_param_store()
+    guide = AutoFlow(banana.model, flow="scale-iaf", init="prior", **{"scale-iaf": {"parents": parents}})
+    guide()
+    assert torch.equal(guide.flow._mask, parents)
+
+
+def test_scale_iaf_rejects_parents_on_or_above_the_diagonal():
+    from vi_flows import ScaleIAF
+
+    with pytest.raises(ValueError, match="zero on and above the diagonal"):
+        ScaleIAF(3, parents=torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"\(3, 3\) matrix"):
+        ScaleIAF(3, parents=torch.zeros(2, 2))

@@ -91,6 +91,49 @@ def check_latent_sites(trace):
                 )
 
 
+def scale_parents(guide, *args, num_points=2, **kwargs):
+    """Which coordinates of a set-up ``AutoContinuous`` guide's latent vector set the prior scale of
+    which later ones, as a centred hierarchy's ``tau`` sets its ``theta``'s and a funnel's ``y`` its ``x``'s.
+
+    Returns a ``(D, D)`` boolean matrix, zero on and above the diagonal: entry ``(i, j)`` is true where
+    coordinate ``i`` belongs to a latent site whose own log density's curvature in unconstrained space
+    (a normal's ``-1 / scale**2``, say) varies with coordinate ``j`` of a site sampled before it. That is
+    a third derivative, taken by autograd at ``num_points`` random points around the guide's centre,
+    along a random direction over each site's coordinates. A parent that only moves a child's location
+    (the banana's ``x2 ~ N(f(x1), 1)``) gives zero; likelihood terms are not looked at.
+    """
+    device, dtype = guide.centre.device, guide.centre.dtype
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the user's random stream alone
+    blocks, start = {}, 0
+    for name, _ in guide.prototype_trace.iter_stochastic_nodes():
+        size = math.prod(guide._unconstrained_shapes[name])
+        blocks[name], start = (start, start + size), start + size
+    parents = torch.zeros(guide.latent_dim, guide.latent_dim, dtype=torch.bool, device=device)
+    for _ in range(num_points):
+        noise = torch.randn(guide.latent_dim, generator=generator, device=device, dtype=dtype)
+        latent = (guide.centre + noise).requires_grad_()
+        values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in guide._unpack_latent(latent)}
+        trace = poutine.trace(poutine.condition(guide.model, data=values)).get_trace(*args, **kwargs)
+        for name, (start, stop) in blocks.items():
+            if start == 0:
+                continue  # nothing is sampled before the first site
+            site = trace.nodes[name]
+            direction = torch.zeros_like(latent)
+            direction[start:stop] = torch.randn(stop - start, generator=generator, device=device, dtype=dtype)
+            derivative = site["fn"].log_prob(site["value"]).sum()
+            for _ in range(2):  # the curvature along the direction: direction' Hessian direction
+                if not derivative.requires_grad:
+                    break
+                (gradient,) = torch.autograd.grad(derivative, latent, retain_graph=True, create_graph=True)
+                derivative = (gradient * direction).sum()
+            if not derivative.requires_grad:
+                continue
+            (third,) = torch.autograd.grad(derivative, latent, retain_graph=True, materialize_grads=True)
+            varies = third[:start].abs() > 1e-6 * derivative.detach().abs()
+            parents[start:stop, :start] |= varies
+    return parents
+
+
 def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
     """MAP point and Laplace approximation of ``model`` in unconstrained space.
 
@@ -331,7 +374,14 @@ class AutoFlow(AutoContinuous):
             self.base_scale = PyroParam(torch.ones_like(centre), self.scale_constraint)
         elif self.base == "fullrank":
             self.base_scale_tril = PyroParam(eye_like(centre, self.latent_dim), constraints.lower_cholesky)
-        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_kwargs).to(centre)
+        flow_kwargs = dict(self._flow_kwargs)
+        if any(name == "scale-iaf" for name, _ in parse_spec(self.flow_spec)):
+            options = dict(flow_kwargs.get("scale-iaf", {}))
+            if "parents" not in options:
+                with poutine.block(), torch.enable_grad():
+                    options["parents"] = scale_parents(self, *args, **kwargs)
+            flow_kwargs["scale-iaf"] = options
+        self.flow = build_flow(self.flow_spec, self.latent_dim, **flow_kwargs).to(centre)
         self.init_used = "prior"
         if self.init != "prior":
             # Runs inside whatever SVI step asked for the first sample: hide it from that trace.

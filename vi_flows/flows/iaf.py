@@ -165,9 +165,19 @@ class ScaleIAF(AffineAutoregressive):
 
     log_scale_bounds = (-10.0, 10.0)
 
-    def __init__(self, dim, num_layers=1):
+    def __init__(self, dim, num_layers=1, parents=None):
         super().__init__(dim, num_layers)
-        self.register_buffer("_mask", torch.ones(dim, dim).tril(-1))
+        if parents is None:
+            mask = torch.ones(dim, dim).tril(-1)
+        else:
+            mask = torch.as_tensor(parents).to(torch.get_default_dtype())
+            if mask.shape != (dim, dim) or (mask.triu() != 0).any():
+                raise ValueError(
+                    f"parents must be a ({dim}, {dim}) matrix that is zero on and above the diagonal "
+                    f"(coordinate i's scale may follow coordinates j < i only), got shape {tuple(mask.shape)}"
+                )
+            mask = (mask != 0).to(mask.dtype)
+        self.register_buffer("_mask", mask)
         self.log_scale_weight = nn.Parameter(torch.zeros(num_layers, dim, dim))
 
     def _order(self, k):
