@@ -146,11 +146,15 @@ class ScaleIAF(AffineAutoregressive):
     has this shape, and so has Neal's funnel, which one layer represents exactly. Every layer
     keeps the packing order, so a stack stays triangular. The layer starts at the identity.
 
+    ``parents``, a ``(dim, dim)`` 0/1 matrix zero on and above the diagonal, says which coordinates
+    each coordinate's log-scale may follow (default: all earlier ones). ``AutoFlow`` passes the
+    model's own, :func:`vi_flows.guides.scale_parents`: the sites that set a site's prior scale, so
+    the layer is the identity on a model without any (the banana's x2 follows x1 in location only).
+
     With a linear shift as well, random dense stacks of 17 dimensions had Jacobians of condition
     number 1e7-1e9, beyond a float32 inverse. :math:`s` is clamped to ``log_scale_bounds``.
-    Measured limit: on 102 dimensions (the zoo's ``hierarchical_100``) the default ``fit`` of
-    ``planar*8+iaf*4+scale-iaf`` overflowed within 100 steps; dividing :math:`s` by :math:`D`
-    kept that fit finite but made a funnel fit overflow at step 2883 (README, "Choosing a flow").
+    Measured limit: after ``planar*8+iaf*4`` in ``AutoFlow``, the default ``fit`` fitted the funnel's
+    tails on three seeds of five and overflowed on the zoo's ``hierarchical_100`` (README, "Choosing a flow").
 
     Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, "Improved Variational Inference with
     Inverse Autoregressive Flow", NeurIPS 2016.
