@@ -175,10 +175,12 @@ class ScaleIAF(AffineAutoregressive):
             mask = torch.ones(dim, dim).tril(-1)
         else:
             mask = torch.as_tensor(parents).to(torch.get_default_dtype())
-            if mask.shape != (dim, dim) or (mask.triu() != 0).any():
+            if mask.shape != (dim, dim):
+                raise ValueError(f"parents must be a ({dim}, {dim}) matrix, got shape {tuple(mask.shape)}")
+            if (mask.triu() != 0).any():
                 raise ValueError(
-                    f"parents must be a ({dim}, {dim}) matrix that is zero on and above the diagonal "
-                    f"(coordinate i's scale may follow coordinates j < i only), got shape {tuple(mask.shape)}"
+                    "parents must be zero on and above the diagonal (coordinate i's scale may follow "
+                    f"coordinates j < i only), got {int((mask.triu() != 0).sum())} entries there"
                 )
             mask = (mask != 0).to(mask.dtype)
         self.register_buffer("_mask", mask)
