@@ -85,7 +85,7 @@ def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
     misses its means by several sds (``python -m vi_flows.bench fit``). The banana's x2 sd, a fourth
     moment of x1, was 0.90-0.95 of the truth over seeds 0-5 (``python -m vi_flows.bench choose``).
     The funnel is left out: 84% of its x variance comes from y > 6, 2.3% of the mass, which the default flow
-    does not reach; ``planar*8+iaf*4+scale-iaf`` does (next test; README, "Choosing a flow").
+    does not reach; ``planar*8+iaf*4+scale-iaf`` does on three seeds of five (next test; README, "Choosing a flow").
     """
     module = importlib.import_module(f"vi_flows.models.{target}")
     guide, result = default_fit(target)
