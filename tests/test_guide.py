@@ -493,6 +493,27 @@ def test_scale_parents_are_the_sites_that_set_a_childs_prior_scale():
     assert not _scale_parents_of("banana").any()
 
 
+def test_scale_parents_leave_out_scales_set_by_module_parameters():
+    """In a ``PyroModule``, b's scale comes from a parameter (a only moves its location) and c's from b:
+    only (c, b) is a scale parent."""
+
+    class Chain(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.log_scale = torch.nn.Parameter(torch.tensor(0.3))
+
+        def forward(self):
+            a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            b = pyro.sample("b", dist.Normal(a, self.log_scale.exp()))
+            pyro.sample("c", dist.Normal(0.0, (b / 2).exp()))
+
+    from vi_flows.guides import scale_parents
+
+    guide = AutoFlow(Chain(), init="prior")
+    guide()
+    assert scale_parents(guide).nonzero().tolist() == [[2, 1]]
+
+
 def test_autoflow_restricts_scale_iaf_to_the_models_scale_parents():
     from vi_flows.models import banana, funnel
 

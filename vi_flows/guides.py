@@ -105,34 +105,32 @@ def scale_parents(guide, *args, num_points=2, **kwargs):
     """
     device, dtype = guide.centre.device, guide.centre.dtype
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the user's random stream alone
-    blocks, start = {}, 0
-    for name, _ in guide.prototype_trace.iter_stochastic_nodes():
-        size = math.prod(guide._unconstrained_shapes[name])
-        blocks[name], start = (start, start + size), start + size
     parents = torch.zeros(guide.latent_dim, guide.latent_dim, dtype=torch.bool, device=device)
     for _ in range(num_points):
         noise = torch.randn(guide.latent_dim, generator=generator, device=device, dtype=dtype)
         latent = (guide.centre + noise).requires_grad_()
-        values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in guide._unpack_latent(latent)}
+        unpacked = list(guide._unpack_latent(latent))
+        values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in unpacked}
         trace = poutine.trace(poutine.condition(guide.model, data=values)).get_trace(*args, **kwargs)
-        for name, (start, stop) in blocks.items():
-            if start == 0:
-                continue  # nothing is sampled before the first site
-            site = trace.nodes[name]
+        start = 0
+        for site, value in unpacked:
+            stop = start + value.numel()
             direction = torch.zeros_like(latent)
             direction[start:stop] = torch.randn(stop - start, generator=generator, device=device, dtype=dtype)
-            derivative = site["fn"].log_prob(site["value"]).sum()
-            for _ in range(2):  # the curvature along the direction: direction' Hessian direction
-                if not derivative.requires_grad:
-                    break
-                (gradient,) = torch.autograd.grad(derivative, latent, retain_graph=True, create_graph=True)
-                derivative = (gradient * direction).sum()
-            if not derivative.requires_grad:
-                continue
-            (third,) = torch.autograd.grad(derivative, latent, retain_graph=True, materialize_grads=True)
-            varies = third[:start].abs() > 1e-6 * derivative.detach().abs()
-            parents[start:stop, :start] |= varies
+            site = trace.nodes[site["name"]]
+            curvature = site["fn"].log_prob(site["value"]).sum()
+            for _ in range(2):  # twice along the direction: direction' Hessian direction
+                curvature = (_gradient(curvature, latent, create_graph=True) * direction).sum()
+            parents[start:stop, :start] |= _gradient(curvature, latent)[:start].abs() > 1e-6 * curvature.detach().abs()
+            start = stop
     return parents
+
+
+def _gradient(value, inputs, create_graph=False):
+    """d value / d inputs, zero where ``value`` does not depend on them (a constant has no graph)."""
+    if not value.requires_grad:
+        return torch.zeros_like(inputs)
+    return torch.autograd.grad(value, inputs, retain_graph=True, create_graph=create_graph, materialize_grads=True)[0]
 
 
 def laplace_approximation(model, init_loc_fn, *args, max_iter=1000, **kwargs):
