@@ -23,6 +23,7 @@ from pyro.infer.autoguide import AutoNormalizingFlow, init_to_value
 from pyro.nn import PyroModule, PyroSample
 
 from vi_flows import AutoFlow, available_flows, trace_elbo_objective, transform_fn
+from vi_flows.noncentring import PartialNonCentring
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
@@ -266,12 +267,31 @@ def _frozen_log_prob(guide, draw):
     return frozen.get_posterior().log_prob(draw)
 
 
-@pytest.mark.parametrize("flow", ["planar*2+iaf", "householder*2+radial*2", "sylvester-triangular*2"])
+def hierarchical_model():
+    """A centred hierarchy: AutoFlow non-centres theta by mu and tau (``PartialNonCentring``)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("groups", 3):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, 1.0), obs=torch.tensor([-1.0, 0.5, 2.0]))
+
+
+@pytest.mark.parametrize(
+    "model, flow",
+    [
+        (gaussian_model, "planar*2+iaf"),
+        (gaussian_model, "householder*2+radial*2"),
+        (gaussian_model, "sylvester-triangular*2"),
+        (hierarchical_model, "planar*2+iaf"),
+    ],
+    ids=["planar-iaf", "householder-radial", "sylvester", "planar-iaf-non-centred"],
+)
 @pytest.mark.parametrize("base", ["standard", "diagonal", "fullrank"])
-def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, flow):
-    guide = AutoFlow(gaussian_model, flow=flow, base=base, init="prior", sticking_the_landing=True)
+def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, model, flow):
+    guide = AutoFlow(model, flow=flow, base=base, init="prior", sticking_the_landing=True)
     guide()
     guide.double()
+    assert (model is hierarchical_model) == isinstance(guide.get_transform().parts[-1], PartialNonCentring)
     with torch.no_grad():
         for parameter in guide.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
