@@ -4,7 +4,7 @@ import numpy as np
 import pandas
 import pytest
 import torch
-from vi_flows.models import banana, gaussian_mixture
+from vi_flows.models import banana, eight_schools, gaussian_mixture
 
 from vi_flows.cli import main
 from vi_flows.compare import compare
@@ -43,7 +43,6 @@ def test_compare_scores_every_guide_against_the_reference():
 def test_guides_and_reference_export_together_to_arviz():
     import arviz as az
     import matplotlib.pyplot as plt
-    from vi_flows.models import eight_schools
 
     generator = torch.Generator().manual_seed(0)
     reference = {
@@ -64,6 +63,15 @@ def test_guides_and_reference_export_together_to_arviz():
     assert summary.loc[("meanfield", "tau"), "sd"] > 0
     az.plot_forest(list(exported.values()), model_names=list(exported), var_names=["tau"])
     plt.close("all")
+
+
+def test_guides_can_be_labelled_names_or_functions_of_the_model():
+    from vi_flows import AutoFlow
+
+    guides = {"flow": "planar*2", "centred flow": lambda model: AutoFlow(model, flow="planar*2", non_centring=False)}
+    result = compare(eight_schools.model, guides=guides, reference=None, num_steps=5, num_draws=100, quiet=True)
+    assert list(result.table.index) == ["flow", "centred flow"] and not result.errors
+    assert result.guides["flow"].non_centring and not result.guides["centred flow"].non_centring
 
 
 def test_a_failing_guide_is_recorded_and_the_others_still_run():

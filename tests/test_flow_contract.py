@@ -228,5 +228,4 @@ def test_builtin_flows_are_the_eight_families():
         "sylvester-householder",
         "sylvester-triangular",
         "iaf",
-        "scale-iaf",
     } <= set(available_flows())

@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import importlib
 import io
 import warnings
 
@@ -472,94 +471,16 @@ def test_log_density_at_punishes_a_guide_that_misses_mass():
     assert log_density_at(narrow, draws).mean() < log_density_at(exact, draws).mean() - 40
 
 
-def test_scale_iaf_represents_the_centred_funnel_exactly():
-    """Pyro packs latents in sampling order, parents first, so one ``scale-iaf`` layer can give each
-    x_i the scale exp(y / 2) of Neal's funnel: with base sds (3, 1, ..., 1) and weight 1/2 from y to
-    every x_i, q is the posterior and every importance weight is 1."""
-    from vi_flows.diagnostics import log_importance_weights
-    from vi_flows.models import funnel
+def test_guide_moments_pool_chunks_into_the_moments_of_all_draws():
+    from vi_flows import guide_moments, sample_constrained
 
-    origin = init_to_value(values={"y": torch.tensor(0.0), "x": torch.zeros(funnel.NUM_X)})
-    guide = AutoFlow(funnel.model, flow="scale-iaf", init="prior", init_loc_fn=origin, init_scale=1.0)
-    guide()
-    with torch.no_grad():
-        guide.base_scale = torch.tensor([3.0] + [1.0] * funnel.NUM_X)
-        guide.flow.log_scale_weight[0, 1:, 0] = 0.5
-    log_weights = log_importance_weights(funnel.model, guide, num_samples=2000)
-    assert log_weights.abs().max() < 1e-4
-    with torch.no_grad():  # the same weight in the other direction is masked out: y comes first
-        guide.flow.log_scale_weight.zero_()
-        guide.flow.log_scale_weight[0, 0, 1:] = 0.5
-    assert log_importance_weights(funnel.model, guide, num_samples=2000).abs().max() > 1
-
-
-def _scale_parents_of(target):
-    from vi_flows.guides import scale_parents
-
-    module = importlib.import_module(f"vi_flows.models.{target}")
-    pyro.clear_param_store()
-    guide = AutoFlow(module.model, init="prior")
-    guide()
-    return scale_parents(guide)
-
-
-def test_scale_parents_are_the_sites_that_set_a_childs_prior_scale():
-    """The funnel's y (coordinate 0) sets every x_i's scale; the hierarchy's tau (coordinate 1) sets
-    every theta's, while its mu moves only their location; the banana's x1 moves only x2's location."""
-    funnel = _scale_parents_of("funnel")
-    assert funnel[1:, 0].all() and funnel.sum() == funnel.shape[0] - 1
-    hierarchical = _scale_parents_of("hierarchical_100")
-    assert hierarchical[2:, 1].all() and hierarchical.sum() == hierarchical.shape[0] - 2
-    assert not _scale_parents_of("banana").any()
-
-
-def test_scale_parents_leave_out_scales_set_by_module_parameters():
-    """In a ``PyroModule``, b's scale comes from a parameter (a only moves its location) and c's from b:
-    only (c, b) is a scale parent."""
-
-    class Chain(PyroModule):
-        def __init__(self):
-            super().__init__()
-            self.log_scale = torch.nn.Parameter(torch.tensor(0.3))
-
-        def forward(self):
-            a = pyro.sample("a", dist.Normal(0.0, 1.0))
-            b = pyro.sample("b", dist.Normal(a, self.log_scale.exp()))
-            pyro.sample("c", dist.Normal(0.0, (b / 2).exp()))
-
-    from vi_flows.guides import scale_parents
-
-    guide = AutoFlow(Chain(), init="prior")
-    guide()
-    assert scale_parents(guide).nonzero().tolist() == [[2, 1]]
-
-
-def test_autoflow_restricts_scale_iaf_to_the_models_scale_parents():
-    from vi_flows.models import banana, funnel
-
-    expected = _scale_parents_of("funnel")
-    pyro.clear_param_store()
-    guide = AutoFlow(funnel.model, flow="planar*2+scale-iaf", init="prior")
-    guide()
-    assert torch.equal(guide.flow.parts[-1]._mask.bool(), expected)
-    pyro.clear_param_store()
-    guide = AutoFlow(banana.model, flow="scale-iaf", init="prior")  # no scale parents: the identity
-    guide()
-    z = torch.randn(5, 2)
-    with torch.no_grad():
-        guide.flow.log_scale_weight.fill_(1.0)
-    assert torch.equal(guide.flow(z), z)
-    parents = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    pyro.clear_param_store()
-    guide = AutoFlow(banana.model, flow="scale-iaf", init="prior", **{"scale-iaf": {"parents": parents}})
-    guide()
-    assert torch.equal(guide.flow._mask, parents)
-
-
-def test_scale_iaf_rejects_parents_on_or_above_the_diagonal():
-    from vi_flows import ScaleIAF
-
-    with pytest.raises(ValueError, match="zero on and above the diagonal"):
-        ScaleIAF(3, parents=torch.ones(3, 3))
-    with pytest.raises(ValueError, match=r"\(3, 3\) matrix"):
-        ScaleIAF(3, parents=torch.zeros(2, 2))
+    guide = AutoFlow(constrained_model, flow="planar*2", init="prior")
+    guide(DATA)
+    pyro.set_rng_seed(1)
+    pooled = guide_moments(guide, 2500, DATA, chunk_size=1000)
+    pyro.set_rng_seed(1)
+    chunks = [sample_constrained(guide, size, DATA) for size in (1000, 1000, 500)]
+    for name, (mean, sd) in pooled.items():
+        draws = torch.cat([chunk[name] for chunk in chunks]).double()
+        torch.testing.assert_close(mean, draws.mean(0))
+        torch.testing.assert_close(sd, draws.std(0))

@@ -12,10 +12,9 @@ from .flows import (
     OrthogonalSylvester,
     Planar,
     Radial,
-    ScaleIAF,
     TriangularSylvester,
 )
-from .guides import AutoFlow, log_density_at, sample_constrained, trace_elbo_objective, transform_fn
+from .guides import AutoFlow, guide_moments, log_density_at, sample_constrained, trace_elbo_objective, transform_fn
 from .registry import (
     available_flows,
     build_flow,
@@ -40,7 +39,6 @@ __all__ = [
     "OrthogonalSylvester",
     "Planar",
     "Radial",
-    "ScaleIAF",
     "TriangularSylvester",
     "available_flows",
     "build_flow",
@@ -48,6 +46,7 @@ __all__ = [
     "fit",
     "flow_aliases",
     "get_flow",
+    "guide_moments",
     "log_density_at",
     "parse_spec",
     "register_flow",

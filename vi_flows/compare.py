@@ -219,7 +219,8 @@ def compare(
 ):
     """Fit each guide with :func:`vi_flows.fit` on the same budget and seed, and score it.
 
-    :param guides: names: ``"meanfield"``, ``"fullrank"`` or any flow spec.
+    :param guides: names: ``"meanfield"``, ``"fullrank"`` or any flow spec; or a dict from labels to
+        such names or to functions ``model -> guide`` (e.g. ``lambda m: AutoFlow(m, non_centring=False)``).
     :param reference: ``"nuts"`` (:func:`nuts_reference`: Pyro's NUTS, cached), ``None``, or the
         user's own draws ``{site: (N, *site_shape)}``.
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
@@ -243,9 +244,10 @@ def compare(
             )
     result = CompareResult(table=None, reference=reference or {}, model=model, args=args, kwargs=kwargs)
     rows, per_parameter = [], []
-    for name in guides:
+    entries = guides.items() if isinstance(guides, dict) else [(name, name) for name in guides]
+    for name, spec in entries:
         pyro.clear_param_store()
-        guide = make_guide(name, model)
+        guide = spec(model) if callable(spec) else make_guide(spec, model)
         try:
             fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
             row, parameters = _score(model, guide, fitted, result.reference, log_z, num_draws, args, kwargs)

@@ -51,13 +51,16 @@ def elbo_estimate(log_weights):
 def moment_errors(draws, reference):
     """Per-element standardised mean error and sd ratio of ``draws`` against ``reference``.
 
-    ``draws`` maps a site to a tensor of shape ``(num_draws, *site_shape)``; ``reference`` maps a
-    site to its exact ``(mean, sd)``. Returns ``{site: (|mean - ref_mean| / ref_sd, sd / ref_sd)}``.
+    ``draws`` maps a site to a tensor of shape ``(num_draws, *site_shape)``, or to the draws' own
+    ``(mean, sd)`` (:func:`vi_flows.guide_moments`, for more draws than fit in memory);
+    ``reference`` maps a site to its exact ``(mean, sd)``. Returns
+    ``{site: (|mean - ref_mean| / ref_sd, sd / ref_sd)}``.
     """
     result = {}
     for name, (mean, sd) in reference.items():
         values = draws[name]
-        result[name] = ((values.mean(0) - mean).abs() / sd, values.std(0) / sd)
+        draw_mean, draw_sd = values if isinstance(values, tuple) else (values.mean(0), values.std(0))
+        result[name] = ((draw_mean - mean).abs() / sd, draw_sd / sd)
     return result
 
 

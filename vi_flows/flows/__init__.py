@@ -6,7 +6,7 @@ from .planar import Planar  # isort: skip
 from .radial import Radial  # isort: skip
 from .householder import Householder  # isort: skip
 from .sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester  # isort: skip
-from .iaf import IAF, ScaleIAF  # isort: skip
+from .iaf import IAF  # isort: skip
 
 __all__ = [
     "FlowTransform",
@@ -16,6 +16,5 @@ __all__ = [
     "OrthogonalSylvester",
     "Planar",
     "Radial",
-    "ScaleIAF",
     "TriangularSylvester",
 ]

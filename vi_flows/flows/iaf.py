@@ -1,5 +1,4 @@
-"""Affine autoregressive flows (Kingma et al., 2016): IAF with a MADE network, and autoregressive
-rescalings with linear log-scales."""
+"""Affine autoregressive flows (Kingma et al., 2016): IAF with a MADE network."""
 
 import math
 
@@ -121,74 +120,3 @@ class IAF(AffineAutoregressive):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, hidden_dim={self.hidden_dim}, gated={self.gated}"
-
-
-@register_flow(
-    "scale-iaf",
-    stackable=True,
-    description="affine autoregressive layer whose log-scale is linear in the earlier coordinates: "
-    "scales that follow a parent's value, as in funnels",
-)
-class ScaleIAF(AffineAutoregressive):
-    r"""A stack of ``num_layers`` autoregressive rescalings with linear log-scales.
-
-    Each layer maps
-
-    .. math:: z'_i = e^{s_i} z_i, \quad s = M z, \qquad \log|\det J| = \sum_i s_i,
-
-    with :math:`M` (``log_scale_weight``) strictly lower triangular: coordinate :math:`i` is
-    rescaled by the exponential of a linear function of the coordinates before it. This is an
-    affine IAF layer (Kingma et al., 2016) whose network is linear, with no shift and no constant
-    log-scale, which the base and the other layers supply. A MADE's log-scale saturates away from
-    the draws it was fitted on; a linear one extrapolates. In ``AutoFlow``'s packing order, the
-    model's sampling order, a child's scale can thus follow its parent's value: a centred
-    hierarchical latent ``x ~ Normal(mu, exp(u))``, with ``u`` the parent's unconstrained value,
-    has this shape, and so has Neal's funnel, which one layer represents exactly. Every layer
-    keeps the packing order, so a stack stays triangular. The layer starts at the identity.
-
-    ``parents``, a ``(dim, dim)`` 0/1 matrix zero on and above the diagonal, says which coordinates
-    each coordinate's log-scale may follow (default: all earlier ones). ``AutoFlow`` passes the
-    model's own, :func:`vi_flows.guides.scale_parents`: the sites that set a site's prior scale, so
-    the layer is the identity on a model without any (the banana's x2 follows x1 in location only).
-
-    With a linear shift as well, random dense stacks of 17 dimensions had Jacobians of condition
-    number 1e7-1e9, beyond a float32 inverse. :math:`s` is clamped to ``log_scale_bounds``.
-    Measured limit: after ``planar*8+iaf*4`` in ``AutoFlow``, the default ``fit`` fitted the funnel's
-    tails on three seeds of five and overflowed on the zoo's ``hierarchical_100`` (README, "Choosing a flow").
-
-    Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, "Improved Variational Inference with
-    Inverse Autoregressive Flow", NeurIPS 2016.
-
-    Example::
-
-        >>> flow = ScaleIAF(dim=3)
-        >>> z = torch.randn(4, 3)
-        >>> torch.equal(flow(z), z)  # the identity until trained
-        True
-    """
-
-    log_scale_bounds = (-10.0, 10.0)
-
-    def __init__(self, dim, num_layers=1, parents=None):
-        super().__init__(dim, num_layers)
-        if parents is None:
-            mask = torch.ones(dim, dim).tril(-1)
-        else:
-            mask = torch.as_tensor(parents).to(torch.get_default_dtype())
-            if mask.shape != (dim, dim):
-                raise ValueError(f"parents must be a ({dim}, {dim}) matrix, got shape {tuple(mask.shape)}")
-            if (mask.triu() != 0).any():
-                raise ValueError(
-                    "parents must be zero on and above the diagonal (coordinate i's scale may follow "
-                    f"coordinates j < i only), got {int((mask.triu() != 0).sum())} entries there"
-                )
-            mask = (mask != 0).to(mask.dtype)
-        self.register_buffer("_mask", mask)
-        self.log_scale_weight = nn.Parameter(torch.zeros(num_layers, dim, dim))
-
-    def _order(self, k):
-        return range(self.dim)  # every layer in the packing order
-
-    def _shift_and_log_scale(self, x, k):
-        log_scale = x @ (self.log_scale_weight[k] * self._mask).T
-        return torch.zeros_like(x), log_scale.clamp(*self.log_scale_bounds)
