@@ -8,6 +8,15 @@ import pytest
 from vi_flows import AutoFlow, fit
 
 
+@pytest.fixture
+def fresh_param_store():
+    """An empty Pyro param store and seed 0 for the test, the store emptied again after it."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
 @pytest.fixture(scope="session")
 def default_fit():
     """``default_fit(target)``: the default ``AutoFlow`` of a zoo model after the default ``fit``

@@ -24,15 +24,7 @@ from pyro.nn import PyroModule, PyroSample
 from vi_flows import AutoFlow, available_flows, trace_elbo_objective, transform_fn
 from vi_flows.noncentring import PartialNonCentring
 
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-
-
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"), pytest.mark.usefixtures("fresh_param_store")]
 
 
 def constrained_model(y, improper=True):

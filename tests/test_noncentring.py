@@ -13,13 +13,7 @@ from vi_flows import AutoFlow
 from vi_flows.diagnostics import log_importance_weights
 from vi_flows.noncentring import PartialNonCentring, linearise_prior
 
-
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 def _linearised(model, **options):

@@ -1,5 +1,4 @@
-r"""Learned partial non-centring of a model's latent vector: each latent's spread follows the prior
-scale its parents give it.
+r"""Partial non-centring of a model's hierarchical latents, inside the guide.
 
 A centred hierarchy ``theta ~ Normal(mu, tau)`` or Neal's funnel ``x ~ Normal(0, exp(y / 2))`` has a
 posterior whose width in ``theta`` or ``x`` changes by orders of magnitude with ``tau`` or ``y``; a
@@ -7,10 +6,11 @@ flow of fixed capacity fits that only near the draws it trained on and under-cov
 Non-centring (``theta = mu + tau * z``) removes the dependence when the data are weak and creates
 one when they are strong, so no fixed choice suits every model (Papaspiliopoulos, Roberts &
 Sköld, "A general framework for the parametrization of hierarchical models", Statistical Science
-2007). Gorinova, Moore & Hoffman ("Automatic Reparameterisation of Probabilistic Programs", ICML
-2020) learn the degree of centring with the guide; :class:`PartialNonCentring` does so for the
-scale, as a bijection of the packed unconstrained vector, so the guide still emits the model's own
-sites.
+2007); Gorinova, Moore & Hoffman ("Automatic Reparameterisation of Probabilistic Programs", ICML
+2020) learn the degree of centring with the guide. Here :func:`linearise_prior` reads each latent's
+prior location and scale, how they follow its parents, and the degree of non-centring its data
+call for, from the model at the guide's centre, and :class:`PartialNonCentring` applies them as a
+bijection of the packed unconstrained vector, so the guide still emits the model's own sites.
 """
 
 import torch
