@@ -9,7 +9,7 @@ import torch
 from pyro.infer.autoguide import init_to_value
 from pyro.nn import PyroModule
 
-from vi_flows import AutoFlow
+from vi_flows import AutoFlow, fit
 from vi_flows.diagnostics import log_importance_weights
 from vi_flows.noncentring import PartialNonCentring, linearise_prior
 
@@ -155,3 +155,17 @@ def test_non_centring_can_be_turned_off_and_is_absent_without_scale_parents():
     guide = AutoFlow(funnel, init="prior")
     guide()
     assert isinstance(guide.get_transform().parts[-1], PartialNonCentring)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_non_centring_runs_on_the_models_device():
+    def model():
+        tau = pyro.sample("tau", dist.LogNormal(torch.zeros((), device="cuda"), 1.0))
+        with pyro.plate("groups", 4):
+            theta = pyro.sample("theta", dist.Normal(torch.zeros((), device="cuda"), tau))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=torch.arange(4.0, device="cuda"))
+
+    guide = AutoFlow(model)
+    fit(model, guide, num_steps=20, progress=False)
+    assert guide.non_centring_scale_slopes.device.type == "cuda"
+    assert guide.sample_constrained(10)["theta"].device.type == "cuda"
