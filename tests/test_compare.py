@@ -74,6 +74,16 @@ def test_guides_can_be_labelled_names_or_functions_of_the_model():
     assert result.guides["flow"].non_centring and not result.guides["centred flow"].non_centring
 
 
+def test_means_and_sds_are_scored_against_exact_moments_when_given():
+    reference = banana.sample_posterior(500)
+    common = dict(guides=("planar*2",), reference=reference, num_steps=5, num_draws=200, quiet=True)
+    from_draws = compare(banana.model, **common).table.loc["planar*2"]
+    exact = {name: (values.mean(0), 1e6 * values.std(0)) for name, values in reference.items()}
+    from_moments = compare(banana.model, reference_moments=exact, moment_draws=3000, **common).table.loc["planar*2"]
+    assert from_moments["sd_ratio_max"] < 1e-4 < from_draws["sd_ratio_min"]
+    assert from_moments["mean_log_q_at_reference"] == from_draws["mean_log_q_at_reference"]  # still the draws
+
+
 def test_a_failing_guide_is_recorded_and_the_others_still_run():
     result = compare(gaussian_mixture.model, guides=("meanfield", "planar*2"), reference=None, num_steps=5, num_draws=200, quiet=True)
     assert set(result.errors) == {"meanfield"}  # Pyro's autoguides cannot initialise ImproperUniform

@@ -26,7 +26,7 @@ from .diagnostics import (
     worst_moment_errors,
 )
 from .fitting import fit
-from .guides import DEFAULT_FLOW, AutoFlow, log_density_at, sample_constrained
+from .guides import DEFAULT_FLOW, AutoFlow, guide_moments, log_density_at, sample_constrained
 
 DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
 
@@ -163,7 +163,7 @@ class CompareResult:
         )
 
 
-def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
+def _score(model, guide, result, reference, log_z, num_draws, args, kwargs, reference_moments=None, moment_draws=None):
     log_weights = log_importance_weights(model, guide, *args, num_samples=num_draws, **kwargs)
     elbo, elbo_se = elbo_estimate(log_weights)
     khat = psis_khat(log_weights)
@@ -186,8 +186,10 @@ def _score(model, guide, result, reference, log_z, num_draws, args, kwargs):
     if reference:
         row["mean_log_q_at_reference"] = log_density_at(guide, reference, *args, **kwargs).mean().item()
         draws = sample_constrained(guide, num_draws, *args, **kwargs)
-        moments = {name: (values.mean(0), values.std(0)) for name, values in reference.items() if name in draws}
-        errors = moment_errors(draws, moments)
+        moments = reference_moments or {name: (values.mean(0), values.std(0)) for name, values in reference.items()}
+        moments = {name: value for name, value in moments.items() if name in draws}
+        guide_side = guide_moments(guide, moment_draws, *args, **kwargs) if moment_draws else draws
+        errors = moment_errors(guide_side, moments)
         row["worst_mean_error"] = worst_moment_errors(errors)[0]
         ratios = torch.cat([ratio.reshape(-1) for _, ratio in errors.values()])
         row["sd_ratio_min"], row["sd_ratio_max"] = ratios.min().item(), ratios.max().item()
@@ -215,6 +217,8 @@ def compare(
     seed=0,
     num_draws=4096,
     quiet=False,
+    reference_moments=None,
+    moment_draws=None,
     **kwargs,
 ):
     """Fit each guide with :func:`vi_flows.fit` on the same budget and seed, and score it.
@@ -225,6 +229,11 @@ def compare(
         user's own draws ``{site: (N, *site_shape)}``.
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
     :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
+    :param reference_moments: the posterior's exact ``{site: (mean, sd)}``, if known, to score means
+        and sds against instead of the reference draws' own, and ``moment_draws``, how many of the
+        guide's draws to take them from (default ``num_draws``; pooled by :func:`vi_flows.guide_moments`).
+        Heavy tails need both: the funnel's x has kurtosis 24000, and in 4096 exact draws the worst
+        of its nine sds is typically 31% off (median of 200 sets of draws).
     :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
         IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error, the
         range of sd ratios and the mean log q at the reference draws (mass-covering: a guide that
@@ -250,7 +259,9 @@ def compare(
         guide = spec(model) if callable(spec) else make_guide(spec, model)
         try:
             fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
-            row, parameters = _score(model, guide, fitted, result.reference, log_z, num_draws, args, kwargs)
+            row, parameters = _score(
+                model, guide, fitted, result.reference, log_z, num_draws, args, kwargs, reference_moments, moment_draws
+            )
             result.guides[name], result.fits[name] = guide, fitted
             per_parameter.extend({"guide": name, **entry} for entry in parameters)
         except Exception as failure:  # one guide failing must not lose the others' results
