@@ -230,10 +230,11 @@ def compare(
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
     :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
     :param reference_moments: the posterior's exact ``{site: (mean, sd)}``, if known, to score means
-        and sds against instead of the reference draws' own, and ``moment_draws``, how many of the
-        guide's draws to take them from (default ``num_draws``; pooled by :func:`vi_flows.guide_moments`).
-        Heavy tails need both: the funnel's x has kurtosis 24000, and in 4096 exact draws the worst
-        of its nine sds is typically 31% off (median of 200 sets of draws).
+        and sds against instead of the reference draws' own.
+    :param moment_draws: how many of each guide's draws its means and sds come from (default
+        ``num_draws``; pooled by :func:`vi_flows.guide_moments`). Heavy tails need many, and exact
+        moments: the funnel's x has kurtosis 24000, and in 4096 exact draws the worst of its nine
+        sds is typically 31% off (median of 200 sets of draws).
     :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
         IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error, the
         range of sd ratios and the mean log q at the reference draws (mass-covering: a guide that
