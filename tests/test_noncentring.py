@@ -169,3 +169,21 @@ def test_non_centring_runs_on_the_models_device():
     fit(model, guide, num_steps=20, progress=False)
     assert guide.non_centring_scale_slopes.device.type == "cuda"
     assert guide.sample_constrained(10)["theta"].device.type == "cuda"
+
+
+def test_jacobian_rows_are_the_same_batched_or_one_at_a_time(monkeypatch):
+    from vi_flows import noncentring
+
+    inputs = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    outputs = torch.stack([inputs[0] * inputs[1], inputs[2].sin(), inputs.pow(2).sum()])
+    expected = torch.autograd.functional.jacobian(lambda x: torch.stack([x[0] * x[1], x[2].sin(), x.pow(2).sum()]), inputs)
+    torch.testing.assert_close(noncentring._jacobian(outputs, inputs), expected)
+    grad = torch.autograd.grad
+
+    def unbatched(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatched)
+    torch.testing.assert_close(noncentring._jacobian(outputs, inputs), expected)

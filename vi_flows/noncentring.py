@@ -70,10 +70,9 @@ def linearise_prior(guide, *args, **kwargs):
                     location[start:stop] = torch.where(has_scale_parent.squeeze(-1), site_location.detach(), location[start:stop])
                     location_slopes[start:stop, :start] = _jacobian(site_location, latent)[:, :start] * has_scale_parent
                     scale_slopes[start:stop, :start] = site_scale_slopes * has_scale_parent
-                    for index in has_scale_parent.squeeze(-1).nonzero().squeeze(-1).tolist():
-                        joint_curvature = _gradient(joint_score[start + index], latent)[start + index]
-                        share = curvature[index].detach() / joint_curvature if joint_curvature < 0 else 1.0
-                        prior_share[start + index] = min(max(float(share), 0.0), 1.0)
+                    joint_curvature = _jacobian(joint_score[start:stop], latent)[:, start:stop].diagonal()
+                    share = torch.where(joint_curvature < 0, curvature.detach() / joint_curvature, 1.0).clamp(0.0, 1.0)
+                    prior_share[start:stop] = share * has_scale_parent.squeeze(-1)
             start = stop
     for slopes in (location_slopes, scale_slopes):
         slopes[slopes.abs() <= SLOPE_TOLERANCE] = 0.0
@@ -88,8 +87,13 @@ def _gradient(value, inputs, create_graph=False):
 
 
 def _jacobian(outputs, inputs):
-    """d outputs / d inputs of a vector function, by one reverse pass per output."""
-    return torch.stack([_gradient(output, inputs) for output in outputs])
+    """d outputs / d inputs of a vector function: all rows in one batched reverse pass where
+    autograd can batch the graph, else one pass per row."""
+    rows = torch.eye(len(outputs), dtype=outputs.dtype, device=outputs.device)
+    try:
+        return torch.autograd.grad(outputs, inputs, rows, retain_graph=True, is_grads_batched=True, materialize_grads=True)[0]
+    except RuntimeError:  # an operation without a batching rule
+        return torch.stack([_gradient(output, inputs) for output in outputs])
 
 
 class PartialNonCentring(Transform):
