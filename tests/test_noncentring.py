@@ -1,4 +1,5 @@
-"""Partial non-centring: the model's prior-scale slopes and the bijection that follows them."""
+"""Partial non-centring: the linearised prior (locations, scales, degrees of non-centring) read from a model,
+and the bijection that applies it."""
 
 import importlib
 
@@ -126,7 +127,7 @@ def test_a_chain_follows_the_output_values():
 
 
 def test_autoflow_represents_the_centred_funnel_exactly():
-    """Fully non-centred (the starting weight 1), a standard base with sds (3, 1, ..., 1) is Neal's
+    """Fully non-centred (weight 1: no data touch x), a standard base with sds (3, 1, ..., 1) is Neal's
     funnel: every importance weight is 1, through a flow whose layers are the identity."""
     from vi_flows.models import funnel
 
@@ -155,6 +156,16 @@ def test_non_centring_can_be_turned_off_and_is_absent_without_scale_parents():
     guide = AutoFlow(funnel, init="prior")
     guide()
     assert isinstance(guide.get_transform().parts[-1], PartialNonCentring)
+
+
+def test_a_laplace_start_relinearises_the_prior_at_the_mode():
+    """The regression's Laplace start wins (its coefficients' sds span 1e-4 to 0.1): the map is then
+    linearised about the mode, where the coefficients' data pin them and their weights are small."""
+    guide = AutoFlow(_zoo_model("regression_scaled"), flow="planar")
+    guide()
+    assert guide.init_used == "laplace"
+    torch.testing.assert_close(guide.non_centring_origin, guide.centre)
+    assert 0 < guide.non_centring_weight.max() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
