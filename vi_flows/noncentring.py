@@ -89,6 +89,8 @@ def _gradient(value, inputs, create_graph=False):
 def _jacobian(outputs, inputs):
     """d outputs / d inputs of a vector function: all rows in one batched reverse pass where
     autograd can batch the graph, else one pass per row."""
+    if not outputs.requires_grad:  # constant in the inputs (a normal's curvature with a fixed scale)
+        return outputs.new_zeros(outputs.shape + inputs.shape)
     rows = torch.eye(len(outputs), dtype=outputs.dtype, device=outputs.device)
     try:
         return torch.autograd.grad(outputs, inputs, rows, retain_graph=True, is_grads_batched=True, materialize_grads=True)[0]
