@@ -1,4 +1,4 @@
-"""Affine autoregressive flows (Kingma et al., 2016): IAF with a MADE network."""
+"""Inverse autoregressive flows (Kingma et al., 2016)."""
 
 import math
 
@@ -18,57 +18,12 @@ def _made_masks(dim, hidden_dim, input_degrees):
     return input_mask, output_mask
 
 
-class AffineAutoregressive(FlowTransform):
-    r"""A stack of affine autoregressive layers :math:`z'_i = \mu_i(z_{<i}) + e^{s_i(z_{<i})} z_i`,
-    :math:`\log|\det J| = \sum_i s_i`, whose conditioners :math:`(\mu, s)` subclasses supply through
-    ``_shift_and_log_scale(x, k)``, with layer ``k``'s coordinates in the order ``_order(k)``
-    gives (by default natural for even ``k``, reversed for odd). The inverse solves for one
-    coordinate at a time in that order.
-    """
-
-    gated = False
-
-    def _layer(self, x, k):
-        shift, log_scale = self._shift_and_log_scale(x, k)
-        if self.gated:
-            gate = log_scale.exp()
-            return gate * x + (1 - gate) * shift, log_scale.sum(-1)
-        return shift + log_scale.exp() * x, log_scale.sum(-1)
-
-    def forward_and_log_det(self, x):
-        log_det = x.new_zeros(x.shape[:-1])
-        for k in range(self.num_layers):
-            x, layer_log_det = self._layer(x, k)
-            log_det = log_det + layer_log_det
-        return x, log_det
-
-    def _order(self, k):
-        """The order of layer ``k``'s coordinates: natural for even ``k``, reversed for odd."""
-        return range(self.dim) if k % 2 == 0 else reversed(range(self.dim))
-
-    def _inverse(self, y):
-        for k in reversed(range(self.num_layers)):
-            x = torch.zeros_like(y)
-            # Coordinate i depends only on coordinates earlier in the layer's order, so one pass
-            # per coordinate, in that order, recovers x exactly.
-            for i in self._order(k):
-                shift, log_scale = self._shift_and_log_scale(x, k)
-                scale = log_scale[..., i].exp()
-                x = x.clone()  # x was used above: write into a copy so autograd stays valid
-                if self.gated:
-                    x[..., i] = (y[..., i] - (1 - scale) * shift[..., i]) / scale
-                else:
-                    x[..., i] = (y[..., i] - shift[..., i]) / scale
-            y = x
-        return y
-
-
 @register_flow(
     "iaf",
     stackable=True,
     description="affine inverse autoregressive flow with a MADE network (Kingma et al. 2016)",
 )
-class IAF(AffineAutoregressive):
+class IAF(FlowTransform):
     r"""A stack of ``num_layers`` affine inverse autoregressive layers held in one module.
 
     Each layer runs a masked autoencoder (MADE) with one hidden layer on :math:`z` to get
@@ -117,6 +72,37 @@ class IAF(AffineAutoregressive):
         if self.gated:
             return shift, F.logsigmoid(raw_scale + self.gate_bias)
         return shift, raw_scale.clamp(*self.log_scale_bounds)
+
+    def _layer(self, x, k):
+        shift, log_scale = self._shift_and_log_scale(x, k)
+        if self.gated:
+            gate = log_scale.exp()
+            return gate * x + (1 - gate) * shift, log_scale.sum(-1)
+        return shift + log_scale.exp() * x, log_scale.sum(-1)
+
+    def forward_and_log_det(self, x):
+        log_det = x.new_zeros(x.shape[:-1])
+        for k in range(self.num_layers):
+            x, layer_log_det = self._layer(x, k)
+            log_det = log_det + layer_log_det
+        return x, log_det
+
+    def _inverse(self, y):
+        for k in reversed(range(self.num_layers)):
+            order = range(self.dim) if k % 2 == 0 else reversed(range(self.dim))
+            x = torch.zeros_like(y)
+            # Coordinate i depends only on coordinates earlier in the layer's order, so one pass
+            # per coordinate, in that order, recovers x exactly.
+            for i in order:
+                shift, log_scale = self._shift_and_log_scale(x, k)
+                scale = log_scale[..., i].exp()
+                x = x.clone()  # x was used above: write into a copy so autograd stays valid
+                if self.gated:
+                    x[..., i] = (y[..., i] - (1 - scale) * shift[..., i]) / scale
+                else:
+                    x[..., i] = (y[..., i] - shift[..., i]) / scale
+            y = x
+        return y
 
     def extra_repr(self):
         return f"{super().extra_repr()}, hidden_dim={self.hidden_dim}, gated={self.gated}"
