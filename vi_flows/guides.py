@@ -461,9 +461,10 @@ class AutoFlow(AutoContinuous):
         path_derivative = 0.0
         non_centring = self._non_centring_transform()
         if non_centring is not None:  # log q(draw) = log q_u(u) - log|det dx/du|, with u its inverse
-            non_centring_log_det = non_centring.log_abs_det_jacobian(None, draw)
+            u = non_centring.inv(draw)
+            non_centring_log_det = non_centring.log_abs_det_jacobian(u, draw)
             path_derivative = non_centring_log_det.detach() - non_centring_log_det
-            draw = non_centring.inv(draw)
+            draw = u
         flow_output = torch.linalg.solve_triangular(outer_tril, (draw - outer_shift).unsqueeze(-1), upper=False).squeeze(-1)
         return path_derivative + (score * (flow_output - flow_output.detach())).sum(-1)
 

@@ -100,7 +100,7 @@ def _jacobian(outputs, inputs):
 
 class PartialNonCentring(Transform):
     r"""Moves and rescales each coordinate as its prior's location and scale follow its parents,
-    each to a learned degree: the linearised non-centring of a hierarchical model.
+    to a degree :math:`w`: the linearised partial non-centring of a hierarchical model.
 
     .. math:: x_i = m_i + w_i\, [L (x - o)]_i + (u_i - m_i)\, e^{s_i}, \qquad s = w \odot S (x - o),
         \qquad \log|\det J| = \textstyle\sum_i s_i,
@@ -139,9 +139,6 @@ class PartialNonCentring(Transform):
         self.location_slopes, self.scale_slopes = location_slopes, scale_slopes
         self.depth = chain_depth(location_slopes, scale_slopes) if depth is None else depth
 
-    def __eq__(self, other):
-        return self is other
-
     def _shift_and_log_scale(self, x):
         offset = x - self.origin
         shift = self.location + self.weight * (offset @ self.location_slopes.T)
@@ -165,9 +162,12 @@ class PartialNonCentring(Transform):
 def chain_depth(*slopes):
     """Length of the longest chain child -> parent -> grandparent ... through any of the strictly
     lower-triangular ``slopes`` matrices: how many passes :class:`PartialNonCentring` needs."""
-    parents = sum((matrix != 0).to(matrix.dtype) for matrix in slopes).clamp(max=1)
-    depth, reach = 0, parents
-    while reach.any():
-        depth += 1
-        reach = (reach @ parents).clamp(max=1)
-    return depth
+    has_parent = sum(matrix != 0 for matrix in slopes).bool()
+    # A coordinate's level is one more than its highest parent's (0 without parents); levels
+    # settle after as many sweeps as the longest chain, each sweep D x D elementwise.
+    level = has_parent.new_zeros(has_parent.shape[0], dtype=torch.int64)
+    while True:
+        settled = torch.where(has_parent, level + 1, 0).amax(-1)
+        if torch.equal(settled, level):
+            return int(level.max())
+        level = settled
