@@ -14,7 +14,7 @@ from .zoo import load_model
 
 # Guide draws behind the main job's mean and sd errors where exact moments are known: a few seconds
 # per guide; the funnel's x sds still vary by 5-15% at this count (the benchmarks take 10^7).
-MOMENT_DRAWS = 1_000_000
+COMPARE_MOMENT_DRAWS = 1_000_000
 
 COLUMNS = {
     "elbo": "{:.3f}",
@@ -171,7 +171,7 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
         quiet=quiet,
         # Where exact draws exist, means and sds are scored against exact moments from many draws.
         reference_moments=reference_moments(source) if sample_posterior is not None else None,
-        moment_draws=MOMENT_DRAWS if sample_posterior is not None else None,
+        moment_draws=COMPARE_MOMENT_DRAWS if sample_posterior is not None else None,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
