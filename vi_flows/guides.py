@@ -276,7 +276,8 @@ class AutoFlow(AutoContinuous):
     - ``"laplace"``: :math:`c` at the MAP point in unconstrained space (L-BFGS on Pyro's
       ``AutoLaplaceApproximation``), :math:`P` the Cholesky factor of the Laplace covariance,
       :math:`\sigma = 1`. Flows start near the identity, so the guide starts at the Laplace
-      approximation and the flow learns what is not Gaussian. Falls back to ``"prior"`` with a
+      approximation (passed through the non-centring map, re-linearised at the mode, where there
+      is one) and the flow learns what is not Gaussian. Falls back to ``"prior"`` with a
       warning where the MAP search diverges or the Hessian is not positive definite.
     - ``"auto"`` (default): both, keeping the one with the higher ELBO (32 draws), and the prior
       point without a warning where the Laplace fit fails. A Laplace fit is poor where the mode is
