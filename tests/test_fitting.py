@@ -20,7 +20,8 @@ from vi_flows.diagnostics import (
     moment_errors,
     worst_moment_errors,
 )
-from vi_flows.fitting import ELBOStep, has_converged
+from vi_flows.elbo_step import ELBOStep
+from vi_flows.schedule import has_converged
 from vi_flows.zoo import load_model
 
 
@@ -252,3 +253,57 @@ def test_fit_warns_when_the_param_store_holds_another_guides_tensors():
     guide = AutoFlow(model, flow="planar")  # same name, same param store: Pyro reads the first guide's tensors
     with pytest.warns(UserWarning, match=r"\['flow.u', 'flow.w', 'flow.b'\] will not be trained"):
         fit(model, guide, num_steps=2, progress=False)
+
+
+def _gaussian_fit_with_kicks(monkeypatch, kicks, **fit_options):
+    """The default fit of a 2-D Gaussian whose parameters are thrown far off (``kicks[step]``
+    added to every parameter, or NaN) before the given steps: a divergence on demand."""
+    original = ELBOStep.__call__
+    calls = []
+
+    def kicked(self, lr):
+        if len(calls) in kicks:
+            with torch.no_grad():
+                for param in self.params:
+                    param.add_(kicks[len(calls)])
+        calls.append(lr)
+        return original(self, lr)
+
+    monkeypatch.setattr(ELBOStep, "__call__", kicked)
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="planar*2", init="laplace")  # starts at the posterior
+    return guide, fit(model, guide, progress=False, seed=0, compile=False, **fit_options), calls
+
+
+def _assert_close_to_the_posterior(guide):
+    draws = guide.sample_constrained(20000)["x"]
+    assert ((draws.mean(0) - torch.tensor([1.0, -2.0])).abs() / torch.tensor([0.5, 2.0])).max() < 0.05
+    assert ((draws.std(0) / torch.tensor([0.5, 2.0])) - 1).abs().max() < 0.05
+
+
+def test_a_diverging_loss_rolls_back_to_the_best_parameters_and_cuts_the_rate(monkeypatch):
+    guide, result, rates = _gaussian_fit_with_kicks(monkeypatch, {400: 3.0}, num_steps=800)
+    assert len(result.rollbacks) == 1 and result.rollbacks[0].startswith("the median loss rose to")
+    assert "over steps 401-500: restored the parameters of steps" in result.rollbacks[0]
+    assert rates[500] == pytest.approx(0.2 * rates[499] * (0.1 ** (1 / 700)), rel=1e-6)  # cut once, at the rollback
+    assert result.stop_reason == "reached num_steps" and result.num_steps == 800
+    _assert_close_to_the_posterior(guide)
+
+
+def test_a_nan_loss_after_the_first_block_rolls_back_instead_of_failing(monkeypatch):
+    guide, result, _ = _gaussian_fit_with_kicks(monkeypatch, {400: float("nan")}, num_steps=800)
+    assert len(result.rollbacks) == 1 and result.rollbacks[0].startswith("the loss was nan at step 400")
+    assert result.num_steps == 799  # the NaN step is not in the trace
+    _assert_close_to_the_posterior(guide)
+
+
+def test_repeated_divergence_stops_at_the_best_parameters_with_a_warning(monkeypatch):
+    kicks = {step: 3.0 for step in (400, 600, 800, 1000)}
+    with pytest.warns(UserWarning, match=r"fit diverged: the median loss rose to .* after 2 rollbacks; stopped at the best"):
+        guide, result, _ = _gaussian_fit_with_kicks(monkeypatch, kicks, num_steps=1200, max_rollbacks=2)
+    assert len(result.rollbacks) == 2 and result.stop_reason.startswith("diverged") and result.num_steps == 900
+    _assert_close_to_the_posterior(guide)

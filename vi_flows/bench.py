@@ -40,7 +40,8 @@ from .diagnostics import (
     moment_errors,
     worst_moment_errors,
 )
-from .fitting import ELBOStep, fit
+from .elbo_step import ELBOStep
+from .fitting import fit
 from .guides import DEFAULT_FLOW, AutoFlow, guide_moments
 from .models import KNOWN_LOG_Z, reference_moments
 

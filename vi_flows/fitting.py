@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro import poutine
-from pyro.infer import Trace_ELBO
 from tqdm import tqdm
 
-from .compiled_elbo import CompileError, compile_negative_elbo
 from .diagnostics import max_plate_nesting
-from .guides import trace_elbo_objective
+from .elbo_step import ELBOStep
+from .guard import DivergenceGuard
+from .schedule import LearningRate, PlateauRule
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
 # takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
@@ -22,7 +21,8 @@ COMPILE_MIN_STEPS = 2000
 
 
 class FittingError(RuntimeError):
-    """The loss became NaN or infinite; the guide holds the last parameters with a finite loss.
+    """The loss became NaN or infinite and rolling back did not cure it; the guide holds the best
+    parameters seen, or, before there were any, the last ones with a finite loss.
 
     ``result`` is the :class:`FitResult` up to that step, so the loss trace is not lost.
     """
@@ -36,7 +36,8 @@ class FittingError(RuntimeError):
 class FitResult:
     """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
     included), why it stopped, whether its steps ran compiled, how long compiling took and, where
-    it was tried and failed, why. ``(seconds - compile_seconds) / num_steps`` is the time per step."""
+    it was tried and failed, why, and each rollback after the loss diverged (what was seen, what was
+    restored). ``(seconds - compile_seconds) / num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -45,80 +46,7 @@ class FitResult:
     compiled: bool = False
     compile_seconds: float = 0.0
     compile_failure: str = ""
-
-
-def has_converged(losses, window):
-    """True when the mean loss of the last ``window`` steps is no lower than that of the window
-    before by more than two standard errors of the difference: the ELBO has stopped improving."""
-    if len(losses) < 2 * window:
-        return False
-    previous = torch.tensor(losses[-2 * window : -window])
-    last = torch.tensor(losses[-window:])
-    standard_error = math.sqrt((previous.var() + last.var()).item() / window)
-    return (previous.mean() - last.mean()).item() < 2 * standard_error
-
-
-class ELBOStep:
-    """One optimisation step of ``fit``: the vectorised negative ELBO of ``model`` and ``guide``
-    (with the path-derivative gradient where an ``AutoFlow``'s ``sticking_the_landing`` asks for it),
-    its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's ``ClippedAdam``
-    does) and an Adam update of every parameter that model and guide read.
-
-    With ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
-    (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it
-    falls back to Pyro's eager ``Trace_ELBO``, keeping the reason in ``compile_failure``.
-    """
-
-    def __init__(self, model, guide, *args, num_particles, max_plate_nesting, compile=False, clip_norm=10.0, **kwargs):
-        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
-
-        def eager_loss():
-            with trace_elbo_objective():  # the path-derivative gradient is unbiased for this loss
-                return elbo.differentiable_loss(model, guide, *args, **kwargs)
-
-        with poutine.trace(param_only=True) as param_capture:  # the parameters, found as Pyro's SVI finds them
-            eager_loss()
-        # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
-        unique = {}
-        for site in param_capture.trace.nodes.values():
-            param = site["value"].unconstrained()
-            unique[id(param)] = param
-        self.params = list(unique.values())
-        if isinstance(guide, torch.nn.Module):
-            untrained = [name for name, param in guide.named_parameters() if id(param) not in unique]
-            if untrained:
-                warnings.warn(
-                    f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "
-                    "under their names, so the loss reads those. Was another guide of the same name created in this "
-                    "param store before? Call pyro.clear_param_store() before creating this guide."
-                )
-        self.loss, self.compiled, self.compile_failure, self.compile_seconds = eager_loss, False, "", 0.0
-        if compile:
-            start = time.perf_counter()
-            try:
-                with trace_elbo_objective():  # what the graph holds is fixed here, when it is traced
-                    self.loss = compile_negative_elbo(
-                        model, guide, self.params, num_particles, max_plate_nesting, *args, **kwargs
-                    )
-                self.compiled = True
-            except CompileError as failure:
-                if compile is True:
-                    raise
-                self.compile_failure = str(failure)
-            self.compile_seconds = time.perf_counter() - start
-        self.clip_norm = clip_norm
-        self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
-
-    def __call__(self, lr):
-        """Take one step at learning rate ``lr``; return the loss before it."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss = self.loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(self.params, self.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return loss.item()
+    rollbacks: list = field(default_factory=list)
 
 
 def fit(
@@ -138,6 +66,8 @@ def fit(
     num_plateaus=3,
     final_lr_fraction=0.1,
     clip_norm=10.0,
+    rollback_block=100,
+    max_rollbacks=3,
     **kwargs,
 ):
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -168,8 +98,13 @@ def fit(
     The loss is ``Trace_ELBO``'s, so an ``AutoFlow`` left at ``sticking_the_landing="auto"`` takes
     the path-derivative gradient here, up to 20 latent dimensions (see :class:`~vi_flows.AutoFlow`).
 
-    If a loss is NaN or infinite, fitting stops, the parameters of the last finite step are
-    restored and :class:`FittingError` names the step.
+    Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
+    by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
+    rising more than about a nat above that best or a loss turning NaN or infinite, they are put
+    back and the learning rate is cut as at a plateau; each rollback is recorded in the result's
+    ``rollbacks``. After ``max_rollbacks`` rollbacks a rise stops the fit at the best parameters
+    with a warning, and a non-finite loss raises :class:`FittingError` naming the step (as does one
+    before the first block, with the parameters of the last finite step restored).
     """
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
@@ -183,65 +118,44 @@ def fit(
     # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
     nesting = max_plate_nesting(model, guide, *args, **kwargs)
     step_once = ELBOStep(
-        model,
-        guide,
-        *args,
-        num_particles=num_particles,
-        max_plate_nesting=nesting,
-        compile=compile,
-        clip_norm=clip_norm,
-        **kwargs,
+        model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, compile=compile, clip_norm=clip_norm, **kwargs
     )
     result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
     result.compile_failure = step_once.compile_failure
-    params = step_once.params
-    plateaus, last_plateau = 0, 0
-
-    def learning_rate(step):
-        warm = min(1.0, (step + 1) / warmup_steps)
-        if num_steps is not None:
-            return lr * warm * final_lr_fraction ** (max(step - warmup_steps, 0) / max(num_steps - warmup_steps, 1))
-        return lr * warm * plateau_factor**plateaus
-
-    # Parameters before the previous step and before this one: a step whose loss is finite can
-    # still leave NaN parameters behind (a NaN gradient), so a NaN loss at step t restores the
-    # parameters step t - 1 started from, the last ones known to give a finite loss.
-    before_previous = [torch.empty_like(param) for param in params]
-    before_this = [torch.empty_like(param) for param in params]
+    learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
+    plateaus = PlateauRule(window)
+    guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
+    last_finite = _LastFinite(step_once.params)
     bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step", mininterval=1.0)
     try:
         for step in range(budget):
-            before_previous, before_this = before_this, before_previous
-            with torch.no_grad():
-                for saved, param in zip(before_this, params):
-                    saved.copy_(param)
-            try:
+            last_finite.save()
+            # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
+            with pyro.validation_enabled(False):
                 loss_value = step_once(learning_rate(step))
-            except ValueError as error:
-                # With validation on (Pyro's default), NaNs surface as invalid distribution arguments.
-                if "nan" not in str(error):
-                    raise
-                loss_value = float("nan")
-            if not math.isfinite(loss_value):
-                with torch.no_grad():
-                    for param, saved in zip(params, before_previous if step > 0 else before_this):
-                        param.copy_(saved)
-                result.stop_reason = f"loss was {loss_value} at step {step}"
-                raise FittingError(
-                    f"the loss became {loss_value} at step {step}; the guide's parameters are restored to "
-                    "those of the last finite step. Try a smaller lr, a smaller init_scale, or check the "
-                    "model for values outside its support.",
-                    result,
-                )
-            result.losses.append(loss_value)
-            bar.update()
-            if step % 50 == 0:
-                recent = result.losses[-50:]
-                bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}", lr=f"{learning_rate(step):.2g}")
-            fresh = step + 1 - last_plateau >= 2 * window  # two windows since the rate last changed
-            if num_steps is None and fresh and (step + 1) % window == 0 and has_converged(result.losses, window):
-                plateaus, last_plateau = plateaus + 1, step + 1
-                if plateaus == num_plateaus:
+            finite = math.isfinite(loss_value)
+            if finite:
+                result.losses.append(loss_value)
+                bar.update()
+                if step % 50 == 0:
+                    recent = result.losses[-50:]
+                    bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}", lr=f"{learning_rate(step):.2g}")
+            if not finite or guard.diverged(result.losses):
+                seen = guard.describe(result.losses) if finite else f"the loss was {loss_value} at step {len(result.losses)}"
+                if not guard.has_checkpoint or (len(result.rollbacks) == max_rollbacks and not finite):
+                    _restore_or_raise(guard, last_finite, loss_value, result)
+                guard.restore()
+                if len(result.rollbacks) == max_rollbacks:
+                    result.stop_reason = f"diverged: {seen} after {max_rollbacks} rollbacks; stopped at the best parameters, of {guard.best()}"
+                    warnings.warn(f"fit {result.stop_reason}. Try a smaller lr or a simpler flow.")
+                    break
+                result.rollbacks.append(f"{seen}: restored the parameters of {guard.best()} and cut the learning rate")
+                learning_rate.cut()
+                plateaus.restart(len(result.losses))
+                continue
+            if num_steps is None and plateaus(result.losses):
+                learning_rate.cut()
+                if plateaus.count == num_plateaus:
                     result.stop_reason = f"converged: {num_plateaus} plateaus of {window} steps"
                     break
         else:
@@ -251,3 +165,40 @@ def fit(
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
+
+
+class _LastFinite:
+    """The parameters before the previous step and before this one: a step whose loss is finite can
+    still leave NaN parameters behind (a NaN gradient), so a NaN loss at step t needs the parameters
+    step t - 1 started from, the last ones known to give a finite loss."""
+
+    def __init__(self, params):
+        self.params = params
+        self._before_previous = [param.detach().clone() for param in params]
+        self._before_this = [param.detach().clone() for param in params]
+        self._steps = 0
+
+    @torch.no_grad()
+    def save(self):
+        self._before_previous, self._before_this = self._before_this, self._before_previous
+        for saved, param in zip(self._before_this, self.params):
+            saved.copy_(param)
+        self._steps += 1
+
+    @torch.no_grad()
+    def restore(self):
+        for param, saved in zip(self.params, self._before_previous if self._steps > 1 else self._before_this):
+            param.copy_(saved)
+
+
+def _restore_or_raise(guard, last_finite, loss_value, result):
+    """A non-finite loss that rollbacks did not cure: restore the best (or the last finite) parameters and raise."""
+    (guard if guard.has_checkpoint else last_finite).restore()
+    step = len(result.losses)
+    result.stop_reason = f"loss was {loss_value} at step {step}"
+    restored = f"those of {guard.best()}" if guard.has_checkpoint else "those of the last finite step"
+    raise FittingError(
+        f"the loss became {loss_value} at step {step}; the guide's parameters are restored to {restored}. "
+        "Try a smaller lr, a smaller init_scale, or check the model for values outside its support.",
+        result,
+    )

@@ -456,7 +456,7 @@ class AutoFlow(AutoContinuous):
             flow_input = (tril @ noise.unsqueeze(-1)).squeeze(-1)
             base_score = -torch.linalg.solve_triangular(tril.mT, noise.unsqueeze(-1), upper=True).squeeze(-1)
         jacobian, log_det_gradient = flow_jacobian(self.flow, flow_input)
-        score = torch.linalg.solve(jacobian.mT, base_score - log_det_gradient)
+        score = torch.linalg.solve_ex(jacobian.mT, base_score - log_det_gradient)[0]
         outer_tril = (self.preconditioner * self.scale).detach()
         outer_shift = (self.centre + self.preconditioner @ self.loc).detach()
         path_derivative = 0.0
