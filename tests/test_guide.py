@@ -21,8 +21,9 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoNormalizingFlow, init_to_value
 from pyro.nn import PyroModule, PyroSample
 
-from vi_flows import AutoFlow, available_flows, trace_elbo_objective, transform_fn
-from vi_flows.noncentring import PartialNonCentring
+from vi_flows import AutoFlow, available_flows, transform_fn
+from vi_flows.compiled_elbo import negative_elbo
+from vi_flows.autoflow.noncentring import PartialNonCentring
 
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"), pytest.mark.usefixtures("fresh_param_store")]
 
@@ -254,7 +255,6 @@ def _frozen_log_prob(guide, draw):
     """log q(draw) with the parameters held fixed (a frozen copy), computed through the flow's exact inverse."""
     frozen = copy.deepcopy(guide)
     frozen.requires_grad_(False)
-    frozen.sticking_the_landing = False
     return frozen.get_posterior().log_prob(draw)
 
 
@@ -279,7 +279,7 @@ def hierarchical_model():
 )
 @pytest.mark.parametrize("base", ["standard", "diagonal", "fullrank"])
 def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, model, flow):
-    guide = AutoFlow(model, flow=flow, base=base, init="prior", sticking_the_landing=True)
+    guide = AutoFlow(model, flow=flow, base=base, init="prior")
     guide()
     guide.double()
     assert (model is hierarchical_model) == isinstance(guide.get_transform().parts[-1], PartialNonCentring)
@@ -288,7 +288,7 @@ def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, m
             parameter.add_(0.3 * torch.randn_like(parameter))
     posterior = guide.get_posterior()
     draw = posterior.rsample((6,))
-    log_q = posterior.log_prob(draw)
+    log_q = posterior.path_derivative_log_prob(draw)
     reference = _frozen_log_prob(guide, draw)
     torch.testing.assert_close(log_q, reference)
     parameters = list(guide.parameters())
@@ -297,40 +297,39 @@ def test_sticking_the_landing_differentiates_log_q_only_through_the_draw(base, m
     for name, gradient, wanted in zip(dict(guide.named_parameters()), gradients, expected):
         torch.testing.assert_close(gradient, wanted, msg=name)
     # At any other point (here a copy of the draw) the plain density is computed, through the inverse.
-    torch.testing.assert_close(posterior.log_prob(draw.clone()), log_q)
+    torch.testing.assert_close(posterior.path_derivative_log_prob(draw.clone()), log_q)
+    torch.testing.assert_close(posterior.log_prob(draw), log_q)
 
 
-def test_auto_sticking_the_landing_only_under_a_trace_elbo_objective_and_few_dimensions():
-    # Pyro's SVI may run RenyiELBO, for which the path-derivative gradient is biased: "auto" is off there.
-    small = AutoFlow(gaussian_model)
-    small()
-    with pyro.get_param_store().scope():  # a second guide of the same name needs its own store
-        large = AutoFlow(lambda: pyro.sample("x", dist.Normal(torch.zeros(21), 1.0).to_event(1)))
-        large()
-    assert small.get_posterior().path_derivative is None
-    with trace_elbo_objective():
-        assert small.get_posterior().path_derivative is not None
-        assert large.get_posterior().path_derivative is None
-    assert small.get_posterior().path_derivative is None
-    with pytest.raises(ValueError, match="sticking_the_landing must be True, False or 'auto'"):
-        AutoFlow(gaussian_model, sticking_the_landing="yes")
+def _gaussian(dim):
+    def model():
+        pyro.sample("x", dist.Normal(torch.arange(dim, dtype=torch.float32), 2.0).to_event(1))
+
+    return model
 
 
-def test_sticking_the_landing_gradient_vanishes_at_the_exact_posterior():
+@pytest.mark.parametrize(
+    "dim, sticking_the_landing, vanishes",
+    [(3, True, True), (3, "auto", True), (3, False, False), (21, "auto", False), (21, True, True)],
+)
+def test_sticking_the_landing_gradient_vanishes_at_the_exact_posterior(dim, sticking_the_landing, vanishes):
     # The Laplace start is exact for a Gaussian model and a planar layer with u = 0 is the
     # identity, so q = p: every draw's path-derivative gradient is zero, the usual one is not.
-    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
-    norms = {}
-    for sticking in (True, False):
-        pyro.clear_param_store()
-        guide = AutoFlow(gaussian_model, flow="planar", init="laplace", sticking_the_landing=sticking)
-        guide()
-        with torch.no_grad():
-            guide.flow.u.zero_()
-        loss = elbo.differentiable_loss(gaussian_model, guide)
-        gradients = torch.autograd.grad(loss, list(guide.parameters()), allow_unused=True, materialize_grads=True)
-        norms[sticking] = max(gradient.abs().max().item() for gradient in gradients)
-    assert norms[True] < 1e-3 and norms[False] > 0.1, norms
+    # "auto" takes the path derivative up to 20 dimensions (its cost grows with the flow's Jacobian).
+    model = _gaussian(dim)
+    guide = AutoFlow(model, flow="planar", init="laplace")
+    guide()
+    with torch.no_grad():
+        guide.flow.u.zero_()
+    loss = negative_elbo(model, guide, 8, 0, sticking_the_landing=sticking_the_landing)
+    gradients = torch.autograd.grad(loss, list(guide.parameters()), allow_unused=True, materialize_grads=True)
+    norm = max(gradient.abs().max().item() for gradient in gradients)
+    assert norm < 1e-3 if vanishes else norm > 0.1, norm
+    # Its value is the ELBO's either way.
+    pyro.set_rng_seed(0)
+    plain = negative_elbo(model, guide, 8, 0)
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(negative_elbo(model, guide, 8, 0, sticking_the_landing=sticking_the_landing), plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 
 from vi_flows import AutoFlow, fit
 from vi_flows.diagnostics import log_importance_weights
-from vi_flows.noncentring import PartialNonCentring, linearise_prior
+from vi_flows.autoflow.noncentring import PartialNonCentring, linearise_prior
 
 pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
@@ -136,10 +136,10 @@ def test_autoflow_represents_the_centred_funnel_exactly():
     guide()
     with torch.no_grad():
         guide.flow.u.zero_()
-        guide.base_scale = torch.tensor([3.0] + [1.0] * funnel.NUM_X)
+        guide.base.scale = torch.tensor([3.0] + [1.0] * funnel.NUM_X)
     assert log_importance_weights(funnel.model, guide, num_samples=2000).abs().max() < 1e-4
     with torch.no_grad():  # centred: x's scale no longer follows y
-        guide.non_centring_weight.zero_()
+        guide.non_centring.weight.zero_()
     assert log_importance_weights(funnel.model, guide, num_samples=2000).abs().max() > 1
 
 
@@ -151,7 +151,7 @@ def test_non_centring_can_be_turned_off_and_is_absent_without_scale_parents():
     pyro.clear_param_store()
     guide = AutoFlow(_zoo_model("banana"), init="prior")
     guide()
-    assert not hasattr(guide, "non_centring_weight")
+    assert guide.non_centring is None
     pyro.clear_param_store()
     guide = AutoFlow(funnel, init="prior")
     guide()
@@ -164,8 +164,8 @@ def test_a_laplace_start_relinearises_the_prior_at_the_mode():
     guide = AutoFlow(_zoo_model("regression_scaled"), flow="planar")
     guide()
     assert guide.init_used == "laplace"
-    torch.testing.assert_close(guide.non_centring_origin, guide.centre)
-    assert 0 < guide.non_centring_weight.max() < 0.05
+    torch.testing.assert_close(guide.non_centring.origin, guide.centre)
+    assert 0 < guide.non_centring.weight.max() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -178,12 +178,12 @@ def test_non_centring_runs_on_the_models_device():
 
     guide = AutoFlow(model)
     fit(model, guide, num_steps=20, progress=False)
-    assert guide.non_centring_scale_slopes.device.type == "cuda"
+    assert guide.non_centring.scale_slopes.device.type == "cuda"
     assert guide.sample_constrained(10)["theta"].device.type == "cuda"
 
 
 def test_jacobian_rows_are_the_same_batched_or_one_at_a_time(monkeypatch):
-    from vi_flows import noncentring
+    from vi_flows.autoflow import noncentring
 
     inputs = torch.randn(4, dtype=torch.float64, requires_grad=True)
     outputs = torch.stack([inputs[0] * inputs[1], inputs[2].sin(), inputs.pow(2).sum()])

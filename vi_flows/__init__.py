@@ -1,8 +1,10 @@
 """vi-flows: normalizing-flow variational posteriors for Pyro models."""
 
 from .arviz_export import to_inference_data
+from .autoflow import AutoFlow
 from .compare import CompareResult, compare
 from .compiled_elbo import CompileError
+from .draws import guide_moments, log_density_at, sample_constrained
 from .fitting import FitResult, FittingError, fit
 from .flows import (
     IAF,
@@ -14,7 +16,6 @@ from .flows import (
     Radial,
     TriangularSylvester,
 )
-from .guides import AutoFlow, guide_moments, log_density_at, sample_constrained, trace_elbo_objective, transform_fn
 from .registry import (
     available_flows,
     build_flow,
@@ -22,6 +23,7 @@ from .registry import (
     get_flow,
     parse_spec,
     register_flow,
+    transform_fn,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +54,5 @@ __all__ = [
     "register_flow",
     "sample_constrained",
     "to_inference_data",
-    "trace_elbo_objective",
     "transform_fn",
 ]

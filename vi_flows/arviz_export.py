@@ -5,7 +5,7 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
-from .diagnostics import max_plate_nesting
+from .pyro_internals import max_plate_nesting
 
 # The particle plate Pyro's vectorised importance sampler adds around model and guide.
 _PARTICLE_PLATE = "num_particles_vectorized"

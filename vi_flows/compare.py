@@ -26,7 +26,8 @@ from .diagnostics import (
     worst_moment_errors,
 )
 from .fitting import fit
-from .guides import DEFAULT_FLOW, AutoFlow, guide_moments, log_density_at, sample_constrained
+from .autoflow import DEFAULT_FLOW, AutoFlow
+from .draws import guide_moments, log_density_at, sample_constrained
 
 DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
 

@@ -1,28 +1,11 @@
-"""Diagnostics of a fitted guide: pure functions of draws and log importance weights, plus the sampler of
-the latter and the plate count it needs."""
+"""Diagnostics of a fitted guide: pure functions of draws and log importance weights, and the sampler of the latter."""
 
-import logging
 import math
 
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 
-
-def max_plate_nesting(model, guide, *args, **kwargs):
-    """How many plates deep the model's sites sit, so draws can be vectorised to their left."""
-    # Pyro counts plates from a guide trace and a replayed model trace (no prior draw, so
-    # ImproperUniform sites are fine); it exposes that only through its ELBOs, which log the
-    # count at INFO level on every call.
-    plate_counter = Trace_ELBO()
-    elbo_logger = logging.getLogger("pyro.infer.elbo")
-    level = elbo_logger.level
-    elbo_logger.setLevel(logging.WARNING)
-    try:
-        plate_counter._guess_max_plate_nesting(model, guide, args, kwargs)
-    finally:
-        elbo_logger.setLevel(level)
-    return plate_counter.max_plate_nesting
+from .pyro_internals import max_plate_nesting
 
 
 @torch.no_grad()

@@ -1,59 +1,51 @@
 """One optimisation step of ``fit``: the vectorised negative ELBO, compiled where it can be, its
 gradient clipped, and an Adam update."""
 
+import functools
 import time
 import warnings
 
 import torch
 from pyro.infer import Trace_ELBO
-from pyro import poutine
 
-from .compiled_elbo import CompileError, compile_negative_elbo
-from .guides import trace_elbo_objective
+from .compiled_elbo import CompileError, compile_negative_elbo, first_score_function_site, negative_elbo
+from .pyro_internals import trained_parameters
 
 
 class ELBOStep:
     """One optimisation step of ``fit``: the vectorised negative ELBO of ``model`` and ``guide``
-    (with the path-derivative gradient where an ``AutoFlow``'s ``sticking_the_landing`` asks for it),
-    its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's ``ClippedAdam``
-    does) and an Adam update of every parameter that model and guide read.
+    (:func:`~vi_flows.compiled_elbo.negative_elbo`, with the path-derivative gradient as
+    ``sticking_the_landing`` says; Pyro's ``Trace_ELBO`` for guides with sites that are not
+    reparameterised), its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's
+    ``ClippedAdam`` does) and an Adam update of every parameter that model and guide read.
 
     With ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
-    (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it
-    falls back to Pyro's eager ``Trace_ELBO``, keeping the reason in ``compile_failure``.
+    (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it falls back to
+    eager steps, keeping the reason in ``compile_failure``.
     """
 
-    def __init__(self, model, guide, *args, num_particles, max_plate_nesting, compile=False, clip_norm=10.0, **kwargs):
-        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
-
-        def eager_loss():
-            with trace_elbo_objective():  # the path-derivative gradient is unbiased for this loss
-                return elbo.differentiable_loss(model, guide, *args, **kwargs)
-
-        with poutine.trace(param_only=True) as param_capture:  # the parameters, found as Pyro's SVI finds them
-            eager_loss()
-        # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
-        unique = {}
-        for site in param_capture.trace.nodes.values():
-            param = site["value"].unconstrained()
-            unique[id(param)] = param
-        self.params = list(unique.values())
-        if isinstance(guide, torch.nn.Module):
-            untrained = [name for name, param in guide.named_parameters() if id(param) not in unique]
-            if untrained:
-                warnings.warn(
-                    f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "
-                    "under their names, so the loss reads those. Was another guide of the same name created in this "
-                    "param store before? Call pyro.clear_param_store() before creating this guide."
-                )
-        self.loss, self.compiled, self.compile_failure, self.compile_seconds = eager_loss, False, "", 0.0
+    def __init__(
+        self, model, guide, *args, num_particles, max_plate_nesting, compile=False, clip_norm=10.0, sticking_the_landing="auto", **kwargs
+    ):
+        if sticking_the_landing not in (True, False, "auto"):
+            raise ValueError(f"sticking_the_landing must be True, False or 'auto', got {sticking_the_landing!r}")
+        sizes = (num_particles, max_plate_nesting)
+        if first_score_function_site(guide, *args, **kwargs) is None:
+            self.loss = functools.partial(
+                negative_elbo, model, guide, *sizes, *args, sticking_the_landing=sticking_the_landing, **kwargs
+            )
+        else:  # score-function terms: Pyro's own estimator
+            elbo = Trace_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
+            self.loss = functools.partial(elbo.differentiable_loss, model, guide, *args, **kwargs)
+        self.params = trained_parameters(self.loss)
+        _warn_about_untrained(guide, self.params)
+        self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
         if compile:
             start = time.perf_counter()
             try:
-                with trace_elbo_objective():  # what the graph holds is fixed here, when it is traced
-                    self.loss = compile_negative_elbo(
-                        model, guide, self.params, num_particles, max_plate_nesting, *args, **kwargs
-                    )
+                self.loss = compile_negative_elbo(
+                    model, guide, self.params, *sizes, *args, sticking_the_landing=sticking_the_landing, **kwargs
+                )
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:
@@ -73,3 +65,16 @@ class ELBOStep:
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss.item()
+
+
+def _warn_about_untrained(guide, params):
+    if not isinstance(guide, torch.nn.Module):
+        return
+    trained = {id(param) for param in params}
+    untrained = [name for name, param in guide.named_parameters() if id(param) not in trained]
+    if untrained:
+        warnings.warn(
+            f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "
+            "under their names, so the loss reads those. Was another guide of the same name created in this "
+            "param store before? Call pyro.clear_param_store() before creating this guide."
+        )

@@ -9,7 +9,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from .diagnostics import max_plate_nesting
+from .pyro_internals import max_plate_nesting
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
 from .schedule import LearningRate, PlateauRule
@@ -68,6 +68,7 @@ def fit(
     clip_norm=10.0,
     rollback_block=100,
     max_rollbacks=3,
+    sticking_the_landing="auto",
     **kwargs,
 ):
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -95,8 +96,11 @@ def fit(
     compiling fails (the result's ``compile_failure`` says why); ``True`` raises
     :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
 
-    The loss is ``Trace_ELBO``'s, so an ``AutoFlow`` left at ``sticking_the_landing="auto"`` takes
-    the path-derivative gradient here, up to 20 latent dimensions (see :class:`~vi_flows.AutoFlow`).
+    ``sticking_the_landing`` (``True``, ``False`` or ``"auto"``) scores the draws of guides that offer
+    it (``AutoFlow``) with the path-derivative gradient, whose variance vanishes as the guide
+    approaches the posterior (see :func:`~vi_flows.compiled_elbo.negative_elbo`); ``"auto"`` up to
+    ``STICKING_THE_LANDING_MAX_DIM`` = 20 latent dimensions, where its cost per step, the flow's
+    Jacobian at every draw, stays within 4.4x the plain step's.
 
     Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
     by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
@@ -118,7 +122,15 @@ def fit(
     # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
     nesting = max_plate_nesting(model, guide, *args, **kwargs)
     step_once = ELBOStep(
-        model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, compile=compile, clip_norm=clip_norm, **kwargs
+        model,
+        guide,
+        *args,
+        num_particles=num_particles,
+        max_plate_nesting=nesting,
+        compile=compile,
+        clip_norm=clip_norm,
+        sticking_the_landing=sticking_the_landing,
+        **kwargs,
     )
     result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
     result.compile_failure = step_once.compile_failure

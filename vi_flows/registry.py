@@ -1,6 +1,8 @@
 """The flow registry and the spec language ``name[*K]+name[*K]...``."""
 
 import difflib
+import functools
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -117,6 +119,7 @@ def build_flow(spec, dim, **kwargs):
     (``build_flow("householder*2+iaf", 5, iaf={"hidden_dim": 32})``); any other keyword
     argument is passed to every family in the spec.
     """
+    check_flow_options(spec, kwargs)
     family_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _FLOWS or key in _ALIASES}
     family_kwargs = {_ALIASES.get(key, key): value for key, value in family_kwargs.items()}
     parts = []
@@ -131,3 +134,50 @@ def build_flow(spec, dim, **kwargs):
                 raise TypeError(f"flow {name!r} returned {type(transform).__name__}, not a torch Transform")
         parts.extend(built)
     return parts[0] if len(parts) == 1 else ComposeTransformModule(parts)
+
+
+def _options(factory):
+    """The keyword options a flow factory takes beyond ``dim`` and ``num_layers``; None if it takes any."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL][1:]
+
+
+def check_flow_options(spec, options, owner="build_flow"):
+    """Raise a ``TypeError`` naming any of ``options`` that no family of ``spec`` takes, with the
+    options each family does take. ``options`` are as :func:`build_flow` takes them: a family's
+    name with a dict of its own options, or an option for every family of the spec."""
+    families = {name: _FLOWS[name] for name, _ in parse_spec(spec)}
+    accepted = {name: _options(entry.factory) for name, entry in families.items()}
+    accepted = {name: [o for o in names if o != "num_layers"] if names is not None else None for name, names in accepted.items()}
+
+    def unknown(family, keys):
+        return [key for key in keys if accepted[family] is not None and key not in accepted[family]]
+
+    problems = []
+    for key, value in options.items():
+        family = _ALIASES.get(key, key)
+        if family in _FLOWS:
+            if family not in families:
+                problems.append(f"{key!r} names a flow that is not in the spec {spec!r}")
+            elif not isinstance(value, dict):
+                problems.append(f"{key!r} must be a dict of that flow's options, got {type(value).__name__}")
+            else:
+                problems.extend(f"{family!r} takes no option {bad!r}" for bad in unknown(family, value))
+        else:
+            problems.extend(f"{family!r} takes no option {key!r}" for family in families if unknown(family, [key]))
+    if problems:
+        takes = "; ".join(f"{name}: {', '.join(names) or 'none'}" for name, names in accepted.items() if names is not None)
+        raise TypeError(f"{owner}: {'; '.join(problems)}. Options each flow of the spec takes: {takes}.")
+
+
+def transform_fn(spec, **flow_options):
+    """Return an ``init_transform_fn`` for Pyro's own ``AutoNormalizingFlow``.
+
+    Example::
+
+        guide = pyro.infer.autoguide.AutoNormalizingFlow(model, vi_flows.transform_fn("planar*8"))
+    """
+    check_flow_options(spec, flow_options, owner="transform_fn")
+    return functools.partial(build_flow, spec, **flow_options)

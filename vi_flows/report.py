@@ -8,7 +8,7 @@ import pyro
 import torch
 
 from .compare import compare
-from .guides import sample_constrained
+from .draws import sample_constrained
 from .models import reference_moments
 from .zoo import load_model
 

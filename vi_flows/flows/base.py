@@ -4,7 +4,7 @@ flow's Jacobian."""
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
-from torch.distributions import ComposeTransform, constraints
+from torch.distributions import ComposeTransform, Transform, constraints
 
 # Scale of the parameters that make a layer differ from the identity at initialisation: flows
 # start close to their base, so a well-initialised base (e.g. a Laplace fit) is not spoiled.
@@ -48,11 +48,8 @@ class FlowTransform(TransformModule):
         return self.forward_and_log_det(x)[1]
 
     def __getstate__(self):
-        # The cached last pass carries an autograd graph, which cannot be copied or pickled.
-        state = super().__getstate__()
+        state = without_cache(self)
         state["_last_output_and_log_det"] = None
-        if "_cached_x_y" in state:
-            state["_cached_x_y"] = None, None
         return state
 
     # torch's Transform.__repr__ would hide the module's sizes and sub-modules.
@@ -60,6 +57,15 @@ class FlowTransform(TransformModule):
 
     def extra_repr(self):
         return f"dim={self.dim}, num_layers={self.num_layers}"
+
+
+def without_cache(transform):
+    """A transform module's state for copying or pickling, without the cached last pass, which
+    carries an autograd graph that cannot be copied."""
+    state = Transform.__getstate__(transform)
+    if "_cached_x_y" in state:
+        state["_cached_x_y"] = None, None
+    return state
 
 
 def solve_monotone(func, derivative, target, lower, upper, num_iters=60):

@@ -15,7 +15,11 @@ bijection of the packed unconstrained vector, so the guide still emits the model
 
 import torch
 from pyro import poutine
-from torch.distributions import Transform, biject_to, constraints
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import biject_to, constraints
+
+from ..flows.base import without_cache
+from ..pyro_internals import unpack_latent
 
 # Slopes this small are autograd's rounding, not a dependence.
 SLOPE_TOLERANCE = 1e-6
@@ -49,7 +53,7 @@ def linearise_prior(guide, *args, **kwargs):
     location_slopes = latent.new_zeros(dim, dim)
     scale_slopes = latent.new_zeros(dim, dim)
     prior_share = latent.new_zeros(dim)
-    unpacked = list(guide._unpack_latent(latent))
+    unpacked = unpack_latent(guide, latent)
     values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in unpacked}
     with poutine.block(), torch.enable_grad():
         trace = poutine.trace(poutine.condition(guide.model, data=values)).get_trace(*args, **kwargs)
@@ -98,7 +102,7 @@ def _jacobian(outputs, inputs):
         return torch.stack([_gradient(output, inputs) for output in outputs])
 
 
-class PartialNonCentring(Transform):
+class PartialNonCentring(TransformModule):
     r"""Moves and rescales each coordinate as its prior's location and scale follow its parents,
     to a degree :math:`w`: the linearised partial non-centring of a hierarchical model.
 
@@ -135,9 +139,12 @@ class PartialNonCentring(Transform):
 
     def __init__(self, origin, location, location_slopes, scale_slopes, weight, depth=None, cache_size=1):
         super().__init__(cache_size=cache_size)
-        self.origin, self.location, self.weight = origin, location, weight
-        self.location_slopes, self.scale_slopes = location_slopes, scale_slopes
+        linearisation = dict(origin=origin, location=location, location_slopes=location_slopes, scale_slopes=scale_slopes)
+        for name, value in {**linearisation, "weight": weight}.items():
+            self.register_buffer(name, value.detach().clone())
         self.depth = chain_depth(location_slopes, scale_slopes) if depth is None else depth
+
+    __getstate__ = without_cache
 
     def _shift_and_log_scale(self, x):
         offset = x - self.origin

@@ -1,4 +1,4 @@
-"""Benchmarks against Pyro's own guides and NUTS: ``python -m vi_flows.bench [speed|kl|fit|choose|stl|all]``.
+"""Benchmarks against Pyro's own guides and NUTS: ``python benchmarks/bench.py [speed|kl|fit|choose|stl|all]``.
 
 ``speed`` prints the milliseconds per step (16 vectorised particles) of every family at K = 8 layers
 (IAF at 2), as ``fit`` runs it (compiled) and in Pyro's ``SVI``, next to Pyro's equivalent guide,
@@ -32,18 +32,19 @@ from pyro.infer.autoguide import (
     AutoNormalizingFlow,
 )
 
-from .compiled_elbo import CompileError
-from .diagnostics import (
+from vi_flows.autoflow import DEFAULT_FLOW, AutoFlow
+from vi_flows.compiled_elbo import CompileError
+from vi_flows.diagnostics import (
     elbo_estimate,
     log_importance_weights,
-    max_plate_nesting,
     moment_errors,
     worst_moment_errors,
 )
-from .elbo_step import ELBOStep
-from .fitting import fit
-from .guides import DEFAULT_FLOW, AutoFlow, guide_moments
-from .models import KNOWN_LOG_Z, reference_moments
+from vi_flows.draws import guide_moments
+from vi_flows.elbo_step import ELBOStep
+from vi_flows.fitting import fit
+from vi_flows.models import KNOWN_LOG_Z, reference_moments
+from vi_flows.pyro_internals import max_plate_nesting
 
 SPECS = {
     "planar": "planar*8",
@@ -91,13 +92,15 @@ def _svi(model, guide, lr=1e-2, num_particles=16):
     return SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
 
 
-def _compiled_step(model, guide, num_particles=16):
+def _compiled_step(model, guide, num_particles=16, sticking_the_landing=False):
     """``fit``'s compiled step of ``guide``, or the reason it cannot be compiled."""
     # Its own parameter store: an SVI run of a guide of the same class must not share parameters.
     with pyro.get_param_store().scope():
         try:
             nesting = max_plate_nesting(model, guide)
-            return ELBOStep(model, guide, num_particles=num_particles, max_plate_nesting=nesting, compile=True)
+            return ELBOStep(
+                model, guide, num_particles=num_particles, max_plate_nesting=nesting, compile=True, sticking_the_landing=sticking_the_landing
+            )
         except CompileError as failure:
             return failure
 
@@ -114,9 +117,9 @@ def speed(dims=(10, 100), rounds=5, steps=40):
         for family, spec in SPECS.items():
             pyro.clear_param_store()
             # The plain ELBO gradient in both, as Pyro's guides have no path-derivative option.
-            ours = _compiled_step(model, AutoFlow(model, flow=spec, base="standard", sticking_the_landing=False))
+            ours = _compiled_step(model, AutoFlow(model, flow=spec, base="standard"))
             compile_seconds[family] = math.nan if isinstance(ours, CompileError) else ours.compile_seconds
-            ours_svi = _svi(model, AutoFlow(model, flow=spec, base="standard", sticking_the_landing=False))
+            ours_svi = _svi(model, AutoFlow(model, flow=spec, base="standard"))
             theirs_svi = _svi(model, pyro_guide(family, model))
             theirs = _compiled_step(model, pyro_guide(family, model))
             compiled = [step if isinstance(step, CompileError) else functools.partial(step, 1e-2) for step in (ours, theirs)]
@@ -242,7 +245,7 @@ def fitting_against_nuts(
 ):
     """Default ``fit(model, AutoFlow(model, flow=flow))`` on the zoo's other models against a long NUTS
     run (2 chains of ``num_samples`` after ``warmup_steps``, R-hat and bulk ESS reported, cached)."""
-    from .compare import nuts_reference
+    from vi_flows.compare import nuts_reference
 
     print(f"{flow}: worst |mean error| / sd and worst |sd ratio - 1| against NUTS, 2 x {num_samples} draws")
     print(f"{'target':<18} {'reference':<26} {'R-hat':>6} {'ESS':>6} {'NUTS s':>7} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}")
@@ -271,12 +274,12 @@ def fitting_against_nuts(
 FIT_ROW_HEADER = f"{'KL':>16} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}"
 
 
-def _fit_row(module, guide_options, seed, num_steps=None):
+def _fit_row(module, guide_options, seed, num_steps=None, **fit_options):
     """Fit ``AutoFlow(module.model, **guide_options)`` with the default ``fit``; return its KL
     (4096 draws), worst moment errors against the exact posterior (``MOMENT_DRAWS`` draws), steps and seconds."""
     pyro.clear_param_store()
     guide = AutoFlow(module.model, **guide_options)
-    result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps)
+    result = fit(module.model, guide, seed=seed, progress=False, num_steps=num_steps, **fit_options)
     value, error = elbo_estimate(log_importance_weights(module.model, guide, num_samples=4096))
     errors = moment_errors(guide_moments(guide, MOMENT_DRAWS), reference_moments(module))
     mean_error, sd_error = worst_moment_errors(errors)
@@ -295,7 +298,7 @@ def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=2
         model, cost = _gaussian_model(dim), []
         for stl in (False, True):
             pyro.clear_param_store()
-            step = _compiled_step(model, AutoFlow(model, init="prior", sticking_the_landing=stl), num_particles=64)
+            step = _compiled_step(model, AutoFlow(model, init="prior"), num_particles=64, sticking_the_landing=stl)
             for _ in range(20):
                 step(1e-3)
             start = time.perf_counter()
@@ -303,14 +306,14 @@ def sticking(targets=KNOWN_LOG_Z, seeds=(0, 1, 2), dims=(2, 10, 20, 50), steps=2
                 step(1e-3)
             cost.append((time.perf_counter() - start) / steps * 1e3)
         print(f"{dim:>4} {cost[0]:>8.2f} {cost[1]:>8.2f} {cost[1] / cost[0]:>6.1f}", flush=True)
-    print(f"default fit(model, AutoFlow(model, sticking_the_landing=...)); KL from 4096 draws, moments from {MOMENT_DRAWS}")
+    print(f"default fit(model, AutoFlow(model), sticking_the_landing=...); KL from 4096 draws, moments from {MOMENT_DRAWS}")
     print(f"{'target':<20} {'stl':<5} {'seed':>4} {FIT_ROW_HEADER}")
     for target in targets:
         module = importlib.import_module(f"vi_flows.models.{target}")
         for stl in (False, True):
             for seed in seeds:
-                guide_options = {"sticking_the_landing": stl}
-                print(f"{target:<20} {stl!s:<5} {seed:>4} {_fit_row(module, guide_options, seed, num_steps)}", flush=True)
+                row = _fit_row(module, {}, seed, num_steps, sticking_the_landing=stl)
+                print(f"{target:<20} {stl!s:<5} {seed:>4} {row}", flush=True)
 
 
 CANDIDATE_FLOWS = (
@@ -337,7 +340,7 @@ def choose(specs=CANDIDATE_FLOWS, targets=("banana", "funnel", "gaussian_mixture
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vi_flows.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="?", default="all", choices=["speed", "kl", "fit", "choose", "stl", "all"])
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps per fit in the KL table")
     parser.add_argument("--flows", help="comma-separated flow specs for choose (default: its candidates)")

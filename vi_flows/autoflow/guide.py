@@ -1,0 +1,212 @@
+"""``AutoFlow``: a registered flow as the posterior of any Pyro model."""
+
+import functools
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.transforms import LowerCholeskyAffine
+from pyro.distributions.util import eye_like
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam
+from torch import nn
+from torch.distributions import ComposeTransform, biject_to
+
+from .. import pyro_internals
+from ..draws import sample_constrained
+from ..registry import build_flow, check_flow_options
+from .base import BASES
+from .initialization import INITS, InitWithFallback, start
+from .noncentring import PartialNonCentring, chain_depth, linearise_prior
+from .posterior import FlowPosterior, path_derivative
+from .sites import check_latent_sites
+
+# Chosen by measurement with the default fit on the zoo's exact models (RESULTS.md, "Choosing a flow"):
+# planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
+# rather than two keep the banana's sd within 10% on every seed measured.
+DEFAULT_FLOW = "planar*8+iaf*4"
+# median() and quantiles() come from this many draws, taken with a fixed seed (so they are the same
+# on every call) in unconstrained space, per coordinate (so they are in the support).
+SUMMARY_DRAWS = 4000
+
+
+class AutoFlow(AutoContinuous):
+    r"""A normalizing-flow posterior over all continuous latents of a Pyro model.
+
+    Latents are packed into one unconstrained vector by Pyro's ``AutoContinuous``; the guide is
+
+    .. math:: \theta = N\big(c + P\,(\mu + \sigma \odot f(B\varepsilon))\big), \qquad \varepsilon \sim \mathcal N(0, I),
+
+    where :math:`f` is the flow that ``flow`` names (a registered name or a spec such as
+    ``"householder*4+planar*8"``); :math:`B` is the identity (``base="standard"``), a learnable
+    diagonal (``"diagonal"``) or a learnable lower-triangular matrix (``"fullrank"``), starting at
+    the identity; :math:`\mu` (from 0) and :math:`\sigma` are learnable; the centre :math:`c` and
+    lower-triangular preconditioner :math:`P` are fixed by the initialisation, so an optimiser step
+    means the same in every direction however different the posterior's scales are; and :math:`N`
+    is the identity or, for a model with hierarchical latents, a
+    :class:`~vi_flows.autoflow.noncentring.PartialNonCentring` (see ``non_centring``).
+
+    Initialisation (``init``):
+
+    - ``"prior"``: :math:`c` at ``init_loc_fn``'s point, :math:`P = I`, :math:`\sigma` = ``init_scale``.
+    - ``"laplace"``: :math:`c` at the mode of the model's density in unconstrained space (L-BFGS),
+      :math:`P` the Cholesky factor of the Laplace covariance, :math:`\sigma = 1`. Flows start near
+      the identity, so the guide starts at the Laplace approximation (passed through the
+      non-centring map, re-linearised at the mode) and the flow learns what is not Gaussian. Falls
+      back to ``"prior"`` with a warning where the search diverges or the Hessian is not positive definite.
+    - ``"auto"`` (default): both, keeping the one with the higher ELBO (32 draws), and the prior
+      point without a warning where the Laplace fit fails. A Laplace fit is poor where the mode is
+      unrepresentative, as in Neal's funnel; ``init_used`` says which start was kept.
+
+    :param callable model: a Pyro model.
+    :param str flow: a flow spec, see :func:`vi_flows.build_flow`.
+    :param str base: ``"standard"``, ``"diagonal"`` or ``"fullrank"``.
+    :param str init: ``"auto"``, ``"laplace"`` or ``"prior"``.
+    :param callable init_loc_fn: per-site initialisation (as in Pyro); sites it cannot sample,
+        such as ``ImproperUniform``, start at the origin of unconstrained space.
+    :param float init_scale: initial :math:`\sigma` of the ``"prior"`` initialisation.
+    :param bool non_centring: where a latent's prior scale follows earlier latents (a centred
+        hierarchy's ``theta ~ Normal(mu, tau)``, Neal's funnel), end the guide with a partial
+        non-centring of it, linearised from the prior at the start
+        (:func:`~vi_flows.autoflow.noncentring.linearise_prior`): the flow then works in non-centred
+        coordinates, while the guide still emits the model's own sites. Each child is non-centred by
+        the prior's share of its curvature: fully where no data touch it, hardly where data pin it
+        down. Models without such latents are unaffected.
+    :param flow_options: passed to :func:`vi_flows.build_flow`, checked against the flows' own.
+
+    The path-derivative gradient ("sticking the landing") is an option of the objective, not of
+    the guide: :func:`vi_flows.fit` takes ``sticking_the_landing``.
+
+    Example::
+
+        guide = AutoFlow(model, flow="iaf*2")
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    """
+
+    def __init__(
+        self,
+        model,
+        flow: str = DEFAULT_FLOW,
+        base: str = "diagonal",
+        init: str = "auto",
+        init_loc_fn=init_to_median,
+        init_scale: float = 0.1,
+        non_centring: bool = True,
+        **flow_options,
+    ):
+        if base not in BASES:
+            raise ValueError(f"base must be one of {', '.join(map(repr, BASES))}, got {base!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        check_flow_options(flow, flow_options, owner="AutoFlow")
+        self.flow_spec, self.base_kind, self.init = flow, base, init
+        self._init_scale = float(init_scale)
+        self._use_non_centring = bool(non_centring)
+        self._flow_options = flow_options
+        self.init_used = None  # "prior" or "laplace", once the guide has been set up
+        super().__init__(model, init_loc_fn=InitWithFallback(init_loc_fn))
+        self.non_centring = None  # a PartialNonCentring, once set up, for a model with scale parents
+
+    def setup(self, *args, **kwargs):
+        """Set the guide up for the model's arguments, as its first call would (idempotent)."""
+        return pyro_internals.setup(self, *args, **kwargs)
+
+    def _setup_prototype(self, *args, **kwargs):
+        try:
+            super()._setup_prototype(*args, **kwargs)
+        except Exception:
+            # Pyro fails on these later and less clearly; say what is wrong with the model instead.
+            if self.prototype_trace is not None:
+                check_latent_sites(self.prototype_trace)
+            raise
+        check_latent_sites(self.prototype_trace)
+        centre = self._init_loc()
+        self.register_buffer("centre", centre)
+        self.register_buffer("preconditioner", eye_like(centre, self.latent_dim))
+        self.loc = nn.Parameter(torch.zeros_like(centre))
+        self.scale = PyroParam(torch.full_like(centre, self._init_scale), constraints.softplus_positive)
+        self.base = BASES[self.base_kind](centre)
+        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
+        self.non_centring = None
+        if self._use_non_centring:
+            self._linearise_prior(*args, **kwargs)
+        # Runs inside whatever SVI step asked for the first sample: hide it from that trace.
+        with poutine.block(), torch.enable_grad():
+            self.init_used = start(self, self.init, *args, **kwargs)
+
+    def _linearise_prior(self, *args, **kwargs):
+        """(Re-)linearise the prior about the centre for the non-centring map; a model without scale
+        parents gets none."""
+        location, location_slopes, scale_slopes, prior_share = linearise_prior(self, *args, **kwargs)
+        depth = chain_depth(location_slopes, scale_slopes)
+        if depth == 0 and self.non_centring is None:
+            return
+        if self.non_centring is not None:  # re-linearised at a Laplace mode: as deep as either
+            depth = max(depth, self.non_centring.depth)
+        # Each child is non-centred as far as its prior, not its data, sets it; fixed, not learned:
+        # the funnel's sd(x) is exp((w^2 - 1) 9/4) of the truth, so a 2% error in w is 10% in sd,
+        # and learned weights ended 0.985-1.015.
+        self.non_centring = PartialNonCentring(self.centre, location, location_slopes, scale_slopes, prior_share, depth)
+
+    def recentre(self, centre, preconditioner, *args, **kwargs):
+        """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`
+        (a Laplace approximation), re-linearising the non-centring there."""
+        with torch.no_grad():
+            self.centre.copy_(centre)
+            self.preconditioner.copy_(preconditioner)
+            self.scale = torch.ones_like(centre)
+        if self.non_centring is not None:
+            self._linearise_prior(*args, **kwargs)
+
+    def get_base_dist(self):
+        return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
+
+    def _outer(self):
+        # c + P (mu + sigma * x) as one affine map.
+        return LowerCholeskyAffine(self.centre + self.preconditioner @ self.loc, self.preconditioner * self.scale, cache_size=1)
+
+    def get_transform(self, *args, **kwargs):
+        # Every part caches its last (input, output) pair, so scoring a fresh sample walks back
+        # through the cache instead of running the flow's (iterative) inverse.
+        return ComposeTransform(self._parts(self._outer()))
+
+    def _parts(self, outer):
+        parts = [self.base.transform(), self.flow, outer, self.non_centring]
+        return [part for part in parts if part is not None]
+
+    def get_posterior(self, *args, **kwargs):
+        outer = self._outer()
+        derivative = functools.partial(path_derivative, base=self.base, flow=self.flow, outer=outer, non_centring=self.non_centring)
+        return FlowPosterior(self.get_base_dist(), ComposeTransform(self._parts(outer)), derivative)
+
+    def sample_constrained(self, num_samples, *args, **kwargs):
+        """Draw ``num_samples`` from the guide: ``{site: tensor of shape (num_samples, *site_shape)}``."""
+        return sample_constrained(self, num_samples, *args, **kwargs)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs):
+        """Posterior quantiles of each latent site: per coordinate of the unconstrained latent vector,
+        from ``SUMMARY_DRAWS`` draws with a fixed seed (the caller's random state is left as it was),
+        mapped through each site's bijection, so every one lies in the site's support (a Dirichlet
+        site's median sums to one). Returns ``{site: tensor of shape (len(quantiles), *site_shape)}``.
+        """
+        self.setup(*args, **kwargs)
+        with torch.random.fork_rng(devices=[self.centre.device] if self.centre.is_cuda else []):
+            torch.manual_seed(0)
+            latent = self.get_posterior(*args, **kwargs).sample((SUMMARY_DRAWS,))
+        levels = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
+        per_coordinate = torch.quantile(latent, levels, dim=0)
+        per_coordinate = per_coordinate.reshape((len(levels),) + (1,) * pyro_internals.plate_depth(self) + latent.shape[-1:])
+        return {
+            site["name"]: biject_to(site["fn"].support)(value).reshape((len(levels),) + site["value"].shape)
+            for site, value in pyro_internals.unpack_latent(self, per_coordinate)
+        }
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """The posterior median of each latent site (see :meth:`quantiles`): ``{site: value}``."""
+        return {name: values[0] for name, values in self.quantiles([0.5], *args, **kwargs).items()}

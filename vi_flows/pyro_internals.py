@@ -1,0 +1,57 @@
+"""The one place that reaches into Pyro's private internals, so that a Pyro upgrade touches one file.
+
+Each function says which private API it wraps and what it returns in public terms.
+"""
+
+import logging
+
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+
+def setup(guide, *args, **kwargs):
+    """Set an ``AutoContinuous`` guide up for the model's arguments, if it is not yet (Pyro's
+    ``_setup_prototype``, which its guides otherwise run at their first call)."""
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    return guide
+
+
+def unpack_latent(guide, latent):
+    """``[(prototype site, unconstrained value), ...]`` of a packed latent vector (``_unpack_latent``)."""
+    return list(guide._unpack_latent(latent))
+
+
+def plate_depth(guide):
+    """How many plate dimensions the guide's sites sit in (from ``_prototype_frames``): Pyro unpacks
+    draws that sit left of all of them."""
+    return max((-frame.dim for frame in guide._prototype_frames.values()), default=0)
+
+
+def max_plate_nesting(model, guide, *args, **kwargs):
+    """How many plates deep the model's sites sit, so draws can be vectorised to their left."""
+    # Pyro counts plates from a guide trace and a replayed model trace (no prior draw, so
+    # ImproperUniform sites are fine) in ``_guess_max_plate_nesting``, which logs the count at INFO
+    # level on every call.
+    plate_counter = Trace_ELBO()
+    elbo_logger = logging.getLogger("pyro.infer.elbo")
+    level = elbo_logger.level
+    elbo_logger.setLevel(logging.WARNING)
+    try:
+        plate_counter._guess_max_plate_nesting(model, guide, args, kwargs)
+    finally:
+        elbo_logger.setLevel(level)
+    return plate_counter.max_plate_nesting
+
+
+def trained_parameters(loss):
+    """The unconstrained tensors behind every ``pyro.param`` that ``loss()`` reads, once each, found as
+    Pyro's ``SVI`` finds them (a constrained parameter's ``unconstrained()`` link)."""
+    with poutine.trace(param_only=True) as capture:
+        loss()
+    # Once each: Pyro's own flow guides store one tensor under two names (pyro issue 3132).
+    unique = {}
+    for site in capture.trace.nodes.values():
+        param = site["value"].unconstrained()
+        unique[id(param)] = param
+    return list(unique.values())
