@@ -108,7 +108,14 @@ def test_median_and_quantiles_are_ordered_and_in_the_support():
     assert set(median) == set(quantiles) == {"sigma", "rho", "weights", "chol", "cuts", "free", "effect"}
     assert median["effect"].shape == (4,) and quantiles["effect"].shape == (3, 4)
     assert (quantiles["sigma"].diff(dim=0) > 0).all() and median["sigma"] > 0
-    torch.testing.assert_close(median["sigma"], quantiles["sigma"][1], atol=0.05, rtol=0.05)
+    # Per coordinate in unconstrained space, mapped to each support: every quantile is a point of it.
+    for values in (median, *(dict(zip(quantiles, level)) for level in zip(*quantiles.values()))):
+        torch.testing.assert_close(values["weights"].sum(-1), torch.tensor(1.0))
+        torch.testing.assert_close(values["chol"].pow(2).sum(-1), torch.ones(2))
+        assert (values["cuts"].diff() > 0).all() and -1 < values["rho"] < 1
+    # Fixed draws: the same on every call, and the median is the 0.5 quantile.
+    for name, value in guide.median(DATA).items():
+        assert torch.equal(value, median[name]) and torch.equal(value, quantiles[name][1])
 
 
 def test_median_of_a_known_lognormal():

@@ -68,3 +68,29 @@ def log_density_at(guide, draws, *args, **kwargs):
         parts.append(unconstrained.reshape(len(value), -1))
     packed = torch.cat(parts, -1)
     return guide.get_posterior(*args, **kwargs).log_prob(packed) + log_jacobian
+
+
+# quantiles() takes this many draws, with a fixed seed so that they are the same on every call.
+SUMMARY_DRAWS = 4000
+
+
+@torch.no_grad()
+def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
+    """Posterior quantiles of each latent site of an ``AutoContinuous`` guide: per coordinate of the
+    unconstrained latent vector, from ``num_draws`` draws with ``seed`` (the caller's random state is
+    left as it was), mapped through each site's bijection, so every one lies in the site's support
+    (a Dirichlet site's median sums to one, an ``LKJCholesky`` one has rows of unit norm).
+
+    Returns ``{site: tensor of shape (len(levels), *site_shape)}``.
+    """
+    setup(guide, *args, **kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        latent = guide.get_posterior(*args, **kwargs).sample((num_draws,))
+    levels = torch.as_tensor(levels, dtype=latent.dtype, device=latent.device)
+    per_coordinate = torch.quantile(latent, levels, dim=0)
+    per_coordinate = per_coordinate.reshape((len(levels),) + (1,) * plate_depth(guide) + latent.shape[-1:])
+    return {
+        site["name"]: biject_to(site["fn"].support)(value).reshape((len(levels),) + site["value"].shape)
+        for site, value in unpack_latent(guide, per_coordinate)
+    }

@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import pyro
-import torch
 from tqdm import tqdm
 
 from .pyro_internals import max_plate_nesting
@@ -137,35 +136,23 @@ def fit(
     learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
     plateaus = PlateauRule(window)
     guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
-    last_finite = _LastFinite(step_once.params)
     bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step", mininterval=1.0)
     try:
         for step in range(budget):
-            last_finite.save()
+            guard.save_step()
             # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
             with pyro.validation_enabled(False):
                 loss_value = step_once(learning_rate(step))
-            finite = math.isfinite(loss_value)
-            if finite:
+            if math.isfinite(loss_value):
                 result.losses.append(loss_value)
-                bar.update()
-                if step % 50 == 0:
-                    recent = result.losses[-50:]
-                    bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}", lr=f"{learning_rate(step):.2g}")
-            if not finite or guard.diverged(result.losses):
-                seen = guard.describe(result.losses) if finite else f"the loss was {loss_value} at step {len(result.losses)}"
-                if not guard.has_checkpoint or (len(result.rollbacks) == max_rollbacks and not finite):
-                    _restore_or_raise(guard, last_finite, loss_value, result)
-                guard.restore()
-                if len(result.rollbacks) == max_rollbacks:
-                    result.stop_reason = f"diverged: {seen} after {max_rollbacks} rollbacks; stopped at the best parameters, of {guard.best()}"
-                    warnings.warn(f"fit {result.stop_reason}. Try a smaller lr or a simpler flow.")
+                _show_progress(bar, result.losses, learning_rate(step))
+            divergence = guard.check(result.losses, loss_value)
+            if divergence is not None:
+                if _roll_back(guard, divergence, math.isfinite(loss_value), result, max_rollbacks):
                     break
-                result.rollbacks.append(f"{seen}: restored the parameters of {guard.best()} and cut the learning rate")
                 learning_rate.cut()
                 plateaus.restart(len(result.losses))
-                continue
-            if num_steps is None and plateaus(result.losses):
+            elif num_steps is None and plateaus(result.losses):
                 learning_rate.cut()
                 if plateaus.count == num_plateaus:
                     result.stop_reason = f"converged: {num_plateaus} plateaus of {window} steps"
@@ -179,38 +166,29 @@ def fit(
     return result
 
 
-class _LastFinite:
-    """The parameters before the previous step and before this one: a step whose loss is finite can
-    still leave NaN parameters behind (a NaN gradient), so a NaN loss at step t needs the parameters
-    step t - 1 started from, the last ones known to give a finite loss."""
-
-    def __init__(self, params):
-        self.params = params
-        self._before_previous = [param.detach().clone() for param in params]
-        self._before_this = [param.detach().clone() for param in params]
-        self._steps = 0
-
-    @torch.no_grad()
-    def save(self):
-        self._before_previous, self._before_this = self._before_this, self._before_previous
-        for saved, param in zip(self._before_this, self.params):
-            saved.copy_(param)
-        self._steps += 1
-
-    @torch.no_grad()
-    def restore(self):
-        for param, saved in zip(self.params, self._before_previous if self._steps > 1 else self._before_this):
-            param.copy_(saved)
+def _show_progress(bar, losses, lr):
+    bar.update()
+    if len(losses) % 50 == 1:
+        recent = losses[-50:]
+        bar.set_postfix(elbo=f"{-sum(recent) / len(recent):.4g}", lr=f"{lr:.2g}")
 
 
-def _restore_or_raise(guard, last_finite, loss_value, result):
-    """A non-finite loss that rollbacks did not cure: restore the best (or the last finite) parameters and raise."""
-    (guard if guard.has_checkpoint else last_finite).restore()
-    step = len(result.losses)
-    result.stop_reason = f"loss was {loss_value} at step {step}"
-    restored = f"those of {guard.best()}" if guard.has_checkpoint else "those of the last finite step"
-    raise FittingError(
-        f"the loss became {loss_value} at step {step}; the guide's parameters are restored to {restored}. "
-        "Try a smaller lr, a smaller init_scale, or check the model for values outside its support.",
-        result,
-    )
+def _roll_back(guard, divergence, finite, result, max_rollbacks):
+    """Restore the best parameters after a divergence and record it; True when fitting must stop.
+    Raises :class:`FittingError` for a non-finite loss that rolling back cannot (or did not) cure."""
+    exhausted = len(result.rollbacks) == max_rollbacks
+    guard.restore()
+    if not finite and (exhausted or not guard.has_checkpoint):
+        result.stop_reason = divergence
+        restored = f"those of {guard.best()}" if guard.has_checkpoint else "those of the last finite step"
+        raise FittingError(
+            f"{divergence}; the guide's parameters are restored to {restored}. Try a smaller lr, a smaller "
+            "init_scale, or check the model for values outside its support.",
+            result,
+        )
+    if exhausted:
+        result.stop_reason = f"diverged: {divergence} after {max_rollbacks} rollbacks; stopped at the best parameters, of {guard.best()}"
+        warnings.warn(f"fit {result.stop_reason}. Try a smaller lr or a simpler flow.")
+        return True
+    result.rollbacks.append(f"{divergence}: restored the parameters of {guard.best()} and cut the learning rate")
+    return False

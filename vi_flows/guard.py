@@ -20,24 +20,38 @@ class DivergenceGuard:
     After each block it compares the block's median loss with the lowest median so far: a new best
     is checkpointed (``params`` and ``optimizer`` state copied), and a median more than
     ``tolerance`` nats plus one robust sd of a step's loss in the best block above it is a
-    divergence, to be undone by :meth:`restore` (as is a non-finite loss, which ``fit`` sees itself). Medians, so that a lone
-    heavy-tailed draw is not taken for a divergence.
+    divergence, as is a non-finite loss. Medians, so that a lone heavy-tailed draw is not taken
+    for a divergence. Before the first checkpoint, a non-finite loss can only go back to the
+    parameters of the last step with a finite loss (:meth:`save_step` keeps them).
     """
 
     def __init__(self, params, optimizer, block=100, tolerance=1.0):
         self.params, self.optimizer = params, optimizer
         self.block, self.tolerance = block, tolerance
         self.best_median, self.best_step, self._threshold = math.inf, None, math.inf
-        self._params, self._optimizer_state = None, None
+        self._best, self._optimizer_state = None, None
+        # A step with a finite loss can still leave NaN parameters (a NaN gradient), so a NaN loss
+        # at step t needs the parameters step t - 1 started from.
+        self._before_previous = [param.detach().clone() for param in params]
+        self._before_this = [param.detach().clone() for param in params]
 
     @property
     def has_checkpoint(self):
-        return self._params is not None
+        return self._best is not None
 
-    def diverged(self, losses):
-        """Look at the (finite) loss trace after a step; True when it has diverged (see the class)."""
+    @torch.no_grad()
+    def save_step(self):
+        """Before each step: keep the parameters it starts from."""
+        self._before_previous, self._before_this = self._before_this, self._before_previous
+        _copy(self._before_this, self.params)
+
+    def check(self, losses, loss_value):
+        """After a step whose loss was ``loss_value`` (``losses``: the finite ones so far): None, or
+        what diverged, in words."""
+        if not math.isfinite(loss_value):
+            return f"the loss was {loss_value} at step {len(losses)}"
         if len(losses) % self.block:
-            return False
+            return None
         recent = torch.tensor(losses[-self.block :], dtype=torch.float64)
         median = recent.median().item()
         if median < self.best_median:
@@ -45,31 +59,33 @@ class DivergenceGuard:
             self.best_median, self.best_step = median, len(losses)
             self._threshold = median + self.tolerance + spread
             self._checkpoint()
-            return False
-        return median > self._threshold
-
-    def describe(self, losses):
-        """What the guard saw at the last block, in words."""
-        median = torch.tensor(losses[-self.block :], dtype=torch.float64).median().item()
-        return f"the median loss rose to {median:.6g} over steps {len(losses) - self.block + 1}-{len(losses)}"
+        elif median > self._threshold:
+            return f"the median loss rose to {median:.6g} over steps {len(losses) - self.block + 1}-{len(losses)}"
+        return None
 
     def best(self):
         """Where the checkpoint is from, in words."""
         return f"steps {self.best_step - self.block + 1}-{self.best_step} (median loss {self.best_median:.6g})"
 
     @torch.no_grad()
-    def _checkpoint(self):
-        if self._params is None:
-            self._params = [param.detach().clone() for param in self.params]
-        else:
-            for saved, param in zip(self._params, self.params):
-                saved.copy_(param)
-        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+    def restore(self):
+        """Put back the parameters and optimiser state of the best block, or, before there is one,
+        the last parameters with a finite loss (in place: the parameters stay the tensors a compiled
+        loss reads)."""
+        if self._best is None:
+            _copy(self.params, self._before_previous)
+            return
+        _copy(self.params, self._best)
+        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
 
     @torch.no_grad()
-    def restore(self):
-        """Put back the parameters and optimiser state of the best block (in place: the parameters
-        stay the tensors a compiled loss reads)."""
-        for param, saved in zip(self.params, self._params):
-            param.copy_(saved)
-        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+    def _checkpoint(self):
+        if self._best is None:
+            self._best = [param.detach().clone() for param in self.params]
+        _copy(self._best, self.params)
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+
+
+def _copy(targets, sources):
+    for target, source in zip(targets, sources):
+        target.copy_(source)

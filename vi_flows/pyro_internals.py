@@ -55,3 +55,34 @@ def trained_parameters(loss):
         param = site["value"].unconstrained()
         unique[id(param)] = param
     return list(unique.values())
+
+
+def name_module(module, name):
+    """Give a root ``PyroModule`` the name its parameters are stored under (``_pyro_name``), before
+    any submodule is attached."""
+    module._pyro_name = name
+
+
+def check_param_store(module):
+    """Raise a ``ValueError`` where Pyro's param store holds, under a name this ``PyroModule``'s
+    parameters will read, a tensor of another shape (another guide of the same name put it there):
+    Pyro would hand that tensor to this module and fail later with a size mismatch."""
+    import pyro
+
+    own = {_store_key(name): param.shape for name, param in module.named_parameters()}
+    prefix = module._pyro_name + "."
+    for key, value in pyro.get_param_store().items():
+        name = _store_key(key[len(prefix) :]) if key.startswith(prefix) else None
+        if name in own and value.shape != own[name]:
+            raise ValueError(
+                f"Pyro's param store already holds {key!r} with shape {tuple(value.shape)}, put there by another "
+                f"guide named {module._pyro_name!r}; this guide's has shape {tuple(own[name])}. Call "
+                "pyro.clear_param_store() before creating this guide, or give each guide its own name, e.g. "
+                f"AutoFlow(model, name={module._pyro_name + '_2'!r})."
+            )
+
+
+def _store_key(name):
+    # Pyro joins plain nn.Module submodules' names with "$$$" and stores a constrained parameter
+    # under its own name, the module under name + "_unconstrained".
+    return name.replace("$$$", ".").removesuffix("_unconstrained")

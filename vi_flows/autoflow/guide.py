@@ -15,11 +15,11 @@ from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 
 from .. import pyro_internals
-from ..draws import sample_constrained
+from .. import draws
 from ..registry import build_flow, check_flow_options
 from .base import BASES
 from .initialization import INITS, InitWithFallback, start
-from .noncentring import PartialNonCentring, chain_depth, linearise_prior
+from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
 from .sites import check_latent_sites
 
@@ -27,9 +27,6 @@ from .sites import check_latent_sites
 # planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
 # rather than two keep the banana's sd within 10% on every seed measured.
 DEFAULT_FLOW = "planar*8+iaf*4"
-# median() and quantiles() come from this many draws, taken with a fixed seed (so they are the same
-# on every call) in unconstrained space, per coordinate (so they are in the support).
-SUMMARY_DRAWS = 4000
 
 
 class AutoFlow(AutoContinuous):
@@ -74,6 +71,8 @@ class AutoFlow(AutoContinuous):
         coordinates, while the guide still emits the model's own sites. Each child is non-centred by
         the prior's share of its curvature: fully where no data touch it, hardly where data pin it
         down. Models without such latents are unaffected.
+    :param str name: the prefix of the guide's names in Pyro's param store; two guides of one name
+        in one store read the same parameters (a clear error where their shapes differ).
     :param flow_options: passed to :func:`vi_flows.build_flow`, checked against the flows' own.
 
     The path-derivative gradient ("sticking the landing") is an option of the objective, not of
@@ -94,6 +93,7 @@ class AutoFlow(AutoContinuous):
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
         non_centring: bool = True,
+        name: str = "AutoFlow",
         **flow_options,
     ):
         if base not in BASES:
@@ -109,6 +109,7 @@ class AutoFlow(AutoContinuous):
         self._flow_options = flow_options
         self.init_used = None  # "prior" or "laplace", once the guide has been set up
         super().__init__(model, init_loc_fn=InitWithFallback(init_loc_fn))
+        pyro_internals.name_module(self, name)
         self.non_centring = None  # a PartialNonCentring, once set up, for a model with scale parents
 
     def setup(self, *args, **kwargs):
@@ -131,26 +132,12 @@ class AutoFlow(AutoContinuous):
         self.scale = PyroParam(torch.full_like(centre, self._init_scale), constraints.softplus_positive)
         self.base = BASES[self.base_kind](centre)
         self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
-        self.non_centring = None
         if self._use_non_centring:
-            self._linearise_prior(*args, **kwargs)
+            self.non_centring = non_centring_of(self, *args, **kwargs)
+        pyro_internals.check_param_store(self)
         # Runs inside whatever SVI step asked for the first sample: hide it from that trace.
         with poutine.block(), torch.enable_grad():
             self.init_used = start(self, self.init, *args, **kwargs)
-
-    def _linearise_prior(self, *args, **kwargs):
-        """(Re-)linearise the prior about the centre for the non-centring map; a model without scale
-        parents gets none."""
-        location, location_slopes, scale_slopes, prior_share = linearise_prior(self, *args, **kwargs)
-        depth = chain_depth(location_slopes, scale_slopes)
-        if depth == 0 and self.non_centring is None:
-            return
-        if self.non_centring is not None:  # re-linearised at a Laplace mode: as deep as either
-            depth = max(depth, self.non_centring.depth)
-        # Each child is non-centred as far as its prior, not its data, sets it; fixed, not learned:
-        # the funnel's sd(x) is exp((w^2 - 1) 9/4) of the truth, so a 2% error in w is 10% in sd,
-        # and learned weights ended 0.985-1.015.
-        self.non_centring = PartialNonCentring(self.centre, location, location_slopes, scale_slopes, prior_share, depth)
 
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`
@@ -160,7 +147,7 @@ class AutoFlow(AutoContinuous):
             self.preconditioner.copy_(preconditioner)
             self.scale = torch.ones_like(centre)
         if self.non_centring is not None:
-            self._linearise_prior(*args, **kwargs)
+            self.non_centring = non_centring_of(self, *args, **kwargs)
 
     def get_base_dist(self):
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
@@ -185,26 +172,12 @@ class AutoFlow(AutoContinuous):
 
     def sample_constrained(self, num_samples, *args, **kwargs):
         """Draw ``num_samples`` from the guide: ``{site: tensor of shape (num_samples, *site_shape)}``."""
-        return sample_constrained(self, num_samples, *args, **kwargs)
+        return draws.sample_constrained(self, num_samples, *args, **kwargs)
 
-    @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs):
-        """Posterior quantiles of each latent site: per coordinate of the unconstrained latent vector,
-        from ``SUMMARY_DRAWS`` draws with a fixed seed (the caller's random state is left as it was),
-        mapped through each site's bijection, so every one lies in the site's support (a Dirichlet
-        site's median sums to one). Returns ``{site: tensor of shape (len(quantiles), *site_shape)}``.
-        """
-        self.setup(*args, **kwargs)
-        with torch.random.fork_rng(devices=[self.centre.device] if self.centre.is_cuda else []):
-            torch.manual_seed(0)
-            latent = self.get_posterior(*args, **kwargs).sample((SUMMARY_DRAWS,))
-        levels = torch.as_tensor(quantiles, dtype=latent.dtype, device=latent.device)
-        per_coordinate = torch.quantile(latent, levels, dim=0)
-        per_coordinate = per_coordinate.reshape((len(levels),) + (1,) * pyro_internals.plate_depth(self) + latent.shape[-1:])
-        return {
-            site["name"]: biject_to(site["fn"].support)(value).reshape((len(levels),) + site["value"].shape)
-            for site, value in pyro_internals.unpack_latent(self, per_coordinate)
-        }
+        """Posterior quantiles of each latent site, in its support and the same on every call
+        (:func:`vi_flows.draws.quantiles`): ``{site: tensor of shape (len(quantiles), *site_shape)}``."""
+        return draws.quantiles(self, quantiles, *args, **kwargs)
 
     @torch.no_grad()
     def median(self, *args, **kwargs):

@@ -83,6 +83,21 @@ def linearise_prior(guide, *args, **kwargs):
     return location, location_slopes, scale_slopes, prior_share
 
 
+def non_centring_of(guide, *args, **kwargs):
+    """The :class:`PartialNonCentring` of a set-up ``AutoContinuous`` guide, linearised about its
+    centre, or ``None`` for a model without scale parents. A guide re-linearised (at a Laplace
+    mode) keeps a map as deep as its previous one, ``guide.non_centring``."""
+    location, location_slopes, scale_slopes, prior_share = linearise_prior(guide, *args, **kwargs)
+    previous = getattr(guide, "non_centring", None)
+    depth = max(chain_depth(location_slopes, scale_slopes), previous.depth if previous is not None else 0)
+    if depth == 0:
+        return None
+    # Each child is non-centred as far as its prior, not its data, sets it; fixed, not learned:
+    # the funnel's sd(x) is exp((w^2 - 1) 9/4) of the truth, so a 2% error in w is 10% in sd,
+    # and learned weights ended 0.985-1.015.
+    return PartialNonCentring(guide.centre, location, location_slopes, scale_slopes, prior_share, depth)
+
+
 def _gradient(value, inputs, create_graph=False):
     """d value / d inputs, zero where ``value`` does not depend on them (a constant has no graph)."""
     if not value.requires_grad:
@@ -135,6 +150,7 @@ class PartialNonCentring(TransformModule):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    sign = +1
     log_scale_bounds = (-15.0, 15.0)
 
     def __init__(self, origin, location, location_slopes, scale_slopes, weight, depth=None, cache_size=1):

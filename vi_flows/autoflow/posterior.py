@@ -14,6 +14,9 @@ import torch
 
 from ..flows.base import flow_jacobian
 
+# A flow posterior has no closed-form moments: mean and variance come from this many draws.
+MOMENT_DRAWS = 10_000
+
 
 class FlowPosterior(dist.TransformedDistribution):
     """A transformed standard normal that remembers its latest reparameterised draw, so that
@@ -37,6 +40,22 @@ class FlowPosterior(dist.TransformedDistribution):
             draw = transform(draw)
         self._last_draw = (noise, draw)
         return draw
+
+    @property
+    def mean(self):
+        """A Monte Carlo estimate from ``MOMENT_DRAWS`` draws with a fixed seed (the same on every call)."""
+        return self._fixed_draws().mean(0)
+
+    @property
+    def variance(self):
+        """A Monte Carlo estimate, as :attr:`mean`."""
+        return self._fixed_draws().var(0)
+
+    @torch.no_grad()
+    def _fixed_draws(self):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return self.sample((MOMENT_DRAWS,))
 
     def path_derivative_log_prob(self, value):
         """``log_prob(value)``; at the latest draw its gradient flows through the draw alone."""

@@ -23,6 +23,9 @@ class FlowTransform(TransformModule):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    # torch's sign of the Jacobian determinant: every built-in family keeps it positive (constrained
+    # planar and Sylvester layers, positive radial and IAF scales) except Householder's reflections.
+    sign = +1
 
     def __init__(self, dim, num_layers=1, cache_size=1):
         if int(dim) < 1 or int(num_layers) < 1:
@@ -51,6 +54,19 @@ class FlowTransform(TransformModule):
         state = without_cache(self)
         state["_last_output_and_log_det"] = None
         return state
+
+    def with_cache(self, cache_size=1):
+        """The same flow (sharing its parameters) with torch's cache of the last pair set to
+        ``cache_size`` (0 or 1)."""
+        if cache_size == self._cache_size:
+            return self
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        copy = self.__class__.__new__(self.__class__)
+        copy.__dict__.update(self.__getstate__())
+        copy._cache_size = cache_size
+        copy._cached_x_y = None, None
+        return copy
 
     # torch's Transform.__repr__ would hide the module's sizes and sub-modules.
     __repr__ = nn.Module.__repr__

@@ -50,6 +50,7 @@ class Householder(FlowTransform):
 
     def __init__(self, dim, num_layers=1):
         super().__init__(dim, num_layers)
+        self.sign = (-1) ** self.num_layers  # each reflection has determinant -1
         bound = 1 / math.sqrt(dim)
         self.vectors = nn.Parameter(torch.empty(num_layers, dim).uniform_(-bound, bound))
 

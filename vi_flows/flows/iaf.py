@@ -69,8 +69,8 @@ class IAF(FlowTransform):
         """Return the layer's autoregressive shift ``mu`` and log-scale of the input ``x``."""
         hidden = F.elu(x @ (self.hidden_weight[k] * self._input_masks[k]).T + self.hidden_bias[k])
         shift, raw_scale = (hidden @ (self.output_weight[k] * self._output_masks[k]).T + self.output_bias[k]).chunk(2, -1)
-        if self.gated:
-            return shift, F.logsigmoid(raw_scale + self.gate_bias)
+        if self.gated:  # the gate's floor keeps it invertible where it would underflow to zero
+            return shift, F.logsigmoid(raw_scale + self.gate_bias).clamp(min=self.log_scale_bounds[0])
         return shift, raw_scale.clamp(*self.log_scale_bounds)
 
     def _layer(self, x, k):
