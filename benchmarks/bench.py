@@ -245,7 +245,7 @@ def fitting_against_nuts(
 ):
     """Default ``fit(model, AutoFlow(model, flow=flow))`` on the zoo's other models against a long NUTS
     run (2 chains of ``num_samples`` after ``warmup_steps``, R-hat and bulk ESS reported, cached)."""
-    from vi_flows.compare import nuts_reference
+    from vi_flows.reference import nuts_reference
 
     print(f"{flow}: worst |mean error| / sd and worst |sd ratio - 1| against NUTS, 2 x {num_samples} draws")
     print(f"{'target':<18} {'reference':<26} {'R-hat':>6} {'ESS':>6} {'NUTS s':>7} {'mean err':>9} {'sd err':>7} {'steps':>6} {'seconds':>8}")

@@ -148,7 +148,7 @@ def _two_d_normal(location):
 def test_nuts_reference_reports_convergence_and_is_cached(tmp_path):
     import torch
 
-    from vi_flows.compare import nuts_reference
+    from vi_flows.reference import nuts_reference
 
     model = _two_d_normal(0.0)
     draws, report = nuts_reference(model, num_samples=150, warmup_steps=150, quiet=True, cache_dir=tmp_path)
@@ -162,8 +162,31 @@ def test_nuts_reference_reports_convergence_and_is_cached(tmp_path):
 
 
 def test_nuts_reference_warns_when_it_did_not_converge(tmp_path):
-    from vi_flows.compare import nuts_reference
+    from vi_flows.reference import nuts_reference
 
     with pytest.warns(UserWarning, match="may not have converged"):
         _, report = nuts_reference(_two_d_normal(1.0), num_samples=10, warmup_steps=10, quiet=True, cache_dir=tmp_path)
     assert not report["converged"]
+
+
+def test_the_reference_cache_key_follows_the_data_a_model_reads(tmp_path):
+    from vi_flows.reference import cache_key
+
+    source = (
+        "import pyro, pyro.distributions as dist, torch\n"
+        "g = torch.Generator().manual_seed({seed})\n"
+        "X = torch.randn(30, 2, generator=g)\n"
+        "y = torch.tensor({labels}).repeat(15)\n"
+        "def model():\n"
+        "    w = pyro.sample('w', dist.Normal(torch.zeros(2), 1.0).to_event(1))\n"
+        "    with pyro.plate('data', 30):\n"
+        "        pyro.sample('y', dist.Bernoulli(logits=(X * w).sum(-1)), obs=y)\n"
+    )
+    keys = []
+    for name, seed, labels in [("a", 0, [0.0, 1.0]), ("b", 1, [0.0, 1.0]), ("c", 0, [1.0, 0.0]), ("d", 0, [0.0, 1.0])]:
+        path = tmp_path / f"{name}.py"
+        path.write_text(source.format(seed=seed, labels=labels))
+        keys.append(cache_key(load_model(f"{path}:model").model, (), {}, ("settings",)))
+    # Same source: other covariates (a module global the trace does not record) or other observations
+    # are other keys; the same data is the same key.
+    assert len(set(keys[:3])) == 3 and keys[3] == keys[0]

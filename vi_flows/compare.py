@@ -1,17 +1,10 @@
 """``compare``: fit several guides to one model and score each against a reference posterior."""
 
-import hashlib
-import inspect
 import math
-import os
-import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
 from .arviz_export import to_inference_data
@@ -26,6 +19,7 @@ from .diagnostics import (
     worst_moment_errors,
 )
 from .fitting import fit
+from .reference import nuts_reference
 from .autoflow import DEFAULT_FLOW, AutoFlow
 from .draws import guide_moments, log_density_at, sample_constrained
 
@@ -41,84 +35,20 @@ def make_guide(name, model):
     return AutoFlow(model, flow=name)
 
 
-def _cache_key(model, args, kwargs, settings):
-    """Hash of the model's source, its data and the sampler settings: a changed model or data set
-    never reuses a stale reference."""
-    digest = hashlib.sha256()
-    try:
-        digest.update(inspect.getsource(model).encode())
-    except (OSError, TypeError):  # no source (a lambda in a REPL, a C function): fall back to the name
-        digest.update(repr(model).encode())
-    for value in [*args, *sorted(kwargs.items()), settings]:
-        values = value if isinstance(value, tuple) else (value,)
-        for item in values:
-            digest.update(item.detach().cpu().numpy().tobytes() if torch.is_tensor(item) else repr(item).encode())
-    return digest.hexdigest()[:20]
-
-
-def default_cache_dir():
-    return Path(os.environ.get("VI_FLOWS_CACHE", Path.home() / ".cache" / "vi-flows"))
-
-
-def nuts_reference(
-    model, *args, num_chains=2, num_samples=1000, warmup_steps=1000, seed=0, cache_dir=None, quiet=False, **kwargs
-):
-    """Posterior draws ``{site: (num_chains * num_samples, *site_shape)}`` from Pyro's NUTS, with a report.
-
-    Chains run one after another (seeds ``seed``, ``seed + 1``, ...). Draws are cached on disk under
-    ``cache_dir`` (default ``$VI_FLOWS_CACHE`` or ``~/.cache/vi-flows``) keyed by the model's source,
-    its arguments and these settings. Returns ``(draws, report)``; ``report`` has the worst R-hat and
-    the smallest bulk ESS over all parameters (ArviZ) and ``converged`` (R-hat < 1.05, ESS > 100);
-    a reference that did not converge is returned all the same, with a warning.
-    """
-    import arviz
-
-    settings = (num_chains, num_samples, warmup_steps, seed)
-    path = Path(cache_dir or default_cache_dir()) / f"nuts-{_cache_key(model, args, kwargs, settings)}.pt"
-    if path.exists():
-        draws, report = torch.load(path)
-        return draws, {**report, "cached": True}
-    chains = []
-    start = time.perf_counter()
-    for chain in range(num_chains):
-        pyro.set_rng_seed(seed + chain)
-        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
-        mcmc.run(*args, **kwargs)
-        chains.append(mcmc.get_samples())
-    by_chain = {name: torch.stack([chain[name] for chain in chains]) for name in chains[0]}
-    posterior = arviz.from_dict(posterior={name: value.cpu().numpy() for name, value in by_chain.items()})
-    worst_rhat = float(arviz.rhat(posterior).to_array().max()) if num_chains > 1 else math.nan
-    smallest_ess = float(arviz.ess(posterior).to_array().min())
-    report = {
-        "seconds": time.perf_counter() - start,
-        "worst_rhat": worst_rhat,
-        "smallest_ess": smallest_ess,
-        "converged": bool(smallest_ess > 100 and not worst_rhat >= 1.05),
-        "cached": False,
-    }
-    if not report["converged"]:
-        warnings.warn(
-            f"the NUTS reference may not have converged (worst R-hat {worst_rhat:.3f}, smallest bulk ESS "
-            f"{smallest_ess:.0f}); moment errors against it are unreliable. Run longer chains or reparametrise the model."
-        )
-    draws = {name: value.reshape((-1,) + value.shape[2:]) for name, value in by_chain.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save((draws, report), path)
-    return draws, report
-
-
 @dataclass
 class CompareResult:
     """``table`` (a pandas DataFrame, one row per guide), ``parameters`` (one row per guide and
     scalar parameter: standardised mean error, sd ratio and 1-D Wasserstein distance in reference
     sds), the fitted ``guides``, their ``fits`` (:class:`~vi_flows.FitResult`), the ``reference``
-    draws, ``errors`` of guides that failed, and the ``model`` with its ``args`` and ``kwargs``."""
+    draws (with the NUTS run's ``reference_report``, where it made them), ``errors`` of guides that
+    failed, and the ``model`` with its ``args`` and ``kwargs``."""
 
     table: object
     parameters: object = None
     guides: dict = field(default_factory=dict)
     fits: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
+    reference_report: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
     model: object = None
     args: tuple = ()
@@ -164,8 +94,22 @@ class CompareResult:
         )
 
 
-def _score(model, guide, result, reference, log_z, num_draws, args, kwargs, reference_moments=None, moment_draws=None):
-    log_weights = log_importance_weights(model, guide, *args, num_samples=num_draws, **kwargs)
+@dataclass
+class Scoring:
+    """How :func:`compare` scores a fitted guide: ``num_draws`` of its draws, against ``reference``
+    draws (or exact ``reference_moments``, with the guide's moments from ``moment_draws`` draws) and a
+    known ``log_z``, where given."""
+
+    reference: dict
+    log_z: float = None
+    num_draws: int = 4096
+    reference_moments: dict = None
+    moment_draws: int = None
+
+
+def _score(model, guide, fitted, scoring, args, kwargs):
+    """The table's row for one fitted guide, and its rows of per-parameter errors."""
+    log_weights = log_importance_weights(model, guide, *args, num_samples=scoring.num_draws, **kwargs)
     elbo, elbo_se = elbo_estimate(log_weights)
     khat = psis_khat(log_weights)
     row = {
@@ -174,37 +118,36 @@ def _score(model, guide, result, reference, log_z, num_draws, args, kwargs, refe
         "iw_elbo": iw_elbo(log_weights),
         "khat": khat,
         "khat_reading": khat_reading(khat),
-        "kl": log_z - elbo if log_z is not None else math.nan,
-        "worst_mean_error": math.nan,
-        "sd_ratio_min": math.nan,
-        "sd_ratio_max": math.nan,
-        "steps": result.num_steps,
-        "fit_seconds": result.seconds,
-        "ms_per_step": 1e3 * (result.seconds - result.compile_seconds) / max(result.num_steps, 1),
+        "kl": scoring.log_z - elbo if scoring.log_z is not None else math.nan,
+        **dict.fromkeys(["worst_mean_error", "sd_ratio_min", "sd_ratio_max", "mean_log_q_at_reference"], math.nan),
+        "steps": fitted.num_steps,
+        "rollbacks": len(fitted.rollbacks),
+        "fit_seconds": fitted.seconds,
+        "ms_per_step": 1e3 * (fitted.seconds - fitted.compile_seconds) / max(fitted.num_steps, 1),
     }
+    if not scoring.reference:
+        return row, []
+    row["mean_log_q_at_reference"] = log_density_at(guide, scoring.reference, *args, **kwargs).mean().item()
+    draws = sample_constrained(guide, scoring.num_draws, *args, **kwargs)
+    moments = scoring.reference_moments or {name: (values.mean(0), values.std(0)) for name, values in scoring.reference.items()}
+    moments = {name: value for name, value in moments.items() if name in draws}
+    guide_side = guide_moments(guide, scoring.moment_draws, *args, **kwargs) if scoring.moment_draws else draws
+    errors = moment_errors(guide_side, moments)
+    row["worst_mean_error"] = worst_moment_errors(errors)[0]
+    ratios = torch.cat([ratio.reshape(-1) for _, ratio in errors.values()])
+    row["sd_ratio_min"], row["sd_ratio_max"] = ratios.min().item(), ratios.max().item()
     parameters = []
-    row["mean_log_q_at_reference"] = math.nan
-    if reference:
-        row["mean_log_q_at_reference"] = log_density_at(guide, reference, *args, **kwargs).mean().item()
-        draws = sample_constrained(guide, num_draws, *args, **kwargs)
-        moments = reference_moments or {name: (values.mean(0), values.std(0)) for name, values in reference.items()}
-        moments = {name: value for name, value in moments.items() if name in draws}
-        guide_side = guide_moments(guide, moment_draws, *args, **kwargs) if moment_draws else draws
-        errors = moment_errors(guide_side, moments)
-        row["worst_mean_error"] = worst_moment_errors(errors)[0]
-        ratios = torch.cat([ratio.reshape(-1) for _, ratio in errors.values()])
-        row["sd_ratio_min"], row["sd_ratio_max"] = ratios.min().item(), ratios.max().item()
-        for name, (mean_error, sd_ratio) in errors.items():
-            distance = wasserstein_1d(draws[name], reference[name]) / moments[name][1]
-            for index in range(mean_error.numel()):
-                parameters.append(
-                    {
-                        "parameter": name if mean_error.dim() == 0 else f"{name}[{index}]",
-                        "mean_error": mean_error.reshape(-1)[index].item(),
-                        "sd_ratio": sd_ratio.reshape(-1)[index].item(),
-                        "wasserstein": distance.reshape(-1)[index].item(),
-                    }
-                )
+    for name, (mean_error, sd_ratio) in errors.items():
+        distance = wasserstein_1d(draws[name], scoring.reference[name]) / moments[name][1]
+        for index in range(mean_error.numel()):
+            parameters.append(
+                {
+                    "parameter": name if mean_error.dim() == 0 else f"{name}[{index}]",
+                    "mean_error": mean_error.reshape(-1)[index].item(),
+                    "sd_ratio": sd_ratio.reshape(-1)[index].item(),
+                    "wasserstein": distance.reshape(-1)[index].item(),
+                }
+            )
     return row, parameters
 
 
@@ -221,15 +164,16 @@ def compare(
     reference_moments=None,
     moment_draws=None,
     **kwargs,
-):
+) -> CompareResult:
     """Fit each guide with :func:`vi_flows.fit` on the same budget and seed, and score it.
 
     :param guides: names: ``"meanfield"``, ``"fullrank"`` or any flow spec; or a dict from labels to
         such names or to functions ``model -> guide`` (e.g. ``lambda m: AutoFlow(m, non_centring=False)``).
-    :param reference: ``"nuts"`` (:func:`nuts_reference`: Pyro's NUTS, cached), ``None``, or the
-        user's own draws ``{site: (N, *site_shape)}``.
+    :param reference: ``"nuts"`` (:func:`~vi_flows.reference.nuts_reference`: Pyro's NUTS, cached),
+        ``None``, or the user's own draws ``{site: (N, *site_shape)}``.
     :param log_z: the model's log normaliser, if known: adds KL = log Z - ELBO.
     :param num_steps: passed to :func:`vi_flows.fit` (``None``: its stopping rule).
+    :param quiet: no progress bars.
     :param reference_moments: the posterior's exact ``{site: (mean, sd)}``, if known, to score means
         and sds against instead of the reference draws' own.
     :param moment_draws: how many of each guide's draws its means and sds come from (default
@@ -239,38 +183,30 @@ def compare(
     :returns: :class:`CompareResult`; its ``table`` has the ELBO and its standard error, the
         IW-ELBO and PSIS k-hat over ``num_draws`` draws, the worst standardised mean error, the
         range of sd ratios and the mean log q at the reference draws (mass-covering: a guide that
-        misses part of the posterior scores badly) in the constrained space, and fit time. A guide that
-        fails gets a row of NaNs and its error in ``errors``; the others go on.
+        misses part of the posterior scores badly) in the constrained space, the fit's steps,
+        rollbacks (:func:`vi_flows.fit`) and time. A guide that fails gets a row of NaNs and its
+        error in ``errors``; the others go on. Nothing is printed.
     """
     import pandas
 
+    result = CompareResult(table=None, model=model, args=args, kwargs=kwargs)
     if isinstance(reference, str):
         if reference != "nuts":
             raise ValueError(f"reference must be 'nuts', None or a dict of draws, got {reference!r}")
-        reference, report = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
-        if not quiet:
-            source = "from the cache" if report["cached"] else f"in {report['seconds']:.1f} s"
-            print(
-                f"NUTS reference {source}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}"
-            )
-    result = CompareResult(table=None, reference=reference or {}, model=model, args=args, kwargs=kwargs)
+        reference, result.reference_report = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
+    result.reference = reference or {}
+    scoring = Scoring(result.reference, log_z, num_draws, reference_moments, moment_draws)
     rows, per_parameter = [], []
-    entries = guides.items() if isinstance(guides, dict) else [(name, name) for name in guides]
-    for name, spec in entries:
+    for name, spec in guides.items() if isinstance(guides, dict) else [(name, name) for name in guides]:
         pyro.clear_param_store()
         guide = spec(model) if callable(spec) else make_guide(spec, model)
         try:
             fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
-            row, parameters = _score(
-                model, guide, fitted, result.reference, log_z, num_draws, args, kwargs, reference_moments, moment_draws
-            )
+            row, parameters = _score(model, guide, fitted, scoring, args, kwargs)
             result.guides[name], result.fits[name] = guide, fitted
             per_parameter.extend({"guide": name, **entry} for entry in parameters)
         except Exception as failure:  # one guide failing must not lose the others' results
-            result.errors[name] = failure
-            row = {}
-            if not quiet:
-                print(f"{name}: failed: {type(failure).__name__}: {failure}".split("\n")[0])
+            result.errors[name], row = failure, {}
         rows.append({"guide": name, **row})
     result.table = pandas.DataFrame(rows).set_index("guide")
     result.parameters = pandas.DataFrame(per_parameter, columns=["guide", "parameter", "mean_error", "sd_ratio", "wasserstein"])

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy
 import pyro
 import torch
+from matplotlib.figure import Figure
 
 from .compare import compare
 from .draws import sample_constrained
@@ -57,12 +58,8 @@ def plain_text(rows):
 
 
 def plot_elbo_traces(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
     for name, fitted in result.fits.items():
         losses = torch.tensor(fitted.losses)
         window = max(1, min(100, len(losses) // 20))
@@ -76,17 +73,12 @@ def plot_elbo_traces(result, path):
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_khat(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = result.table.dropna(subset=["khat"]) if "khat" in result.table else result.table.iloc[:0]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     values = table["khat"].clip(lower=-0.5, upper=2.0) if len(table) else []
     axis.bar(list(table.index), values, color=["tab:green" if k < 0.5 else "tab:orange" if k < 0.7 else "tab:red" for k in values])
     for level, label in ((0.5, "good below"), (0.7, "do not trust above")):
@@ -95,7 +87,6 @@ def plot_khat(result, path):
     axis.set(ylabel="PSIS k-hat", title="Importance-sampling reliability of each guide")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _scalar_columns(draws, limit):
@@ -114,14 +105,11 @@ def _flat(values, index):
 def plot_marginals_and_pairs(result, path, max_parameters=6, num_draws=4000):
     """Each guide's marginals over the reference's (top rows) and a pair plot of the first two
     parameters (bottom row), all in the model's constrained space."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = _scalar_columns(result.reference, max_parameters)
     draws = {name: sample_constrained(guide, num_draws) for name, guide in result.guides.items()}
-    figure, axes = plt.subplots(2, max(len(columns), len(draws) + 1), figsize=(3 * max(len(columns), len(draws) + 1), 6), squeeze=False)
+    width = max(len(columns), len(draws) + 1)
+    figure = Figure(figsize=(3 * width, 6))
+    axes = figure.subplots(2, width, squeeze=False)
     for axis, (label, site, index) in zip(axes[0], columns):
         reference = _flat(result.reference[site], index)
         low, high = numpy.quantile(reference, [0.005, 0.995])
@@ -145,7 +133,6 @@ def plot_marginals_and_pairs(result, path, max_parameters=6, num_draws=4000):
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quiet=False, seed=0, num_draws=4096):
@@ -173,6 +160,10 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
         reference_moments=reference_moments(source) if sample_posterior is not None else None,
         moment_draws=COMPARE_MOMENT_DRAWS if sample_posterior is not None else None,
     )
+    if result.reference_report:
+        report = result.reference_report
+        source = "from the cache" if report["cached"] else f"in {report['seconds']:.1f} s"
+        print(f"NUTS reference {source}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = format_table(result.table)
@@ -193,8 +184,7 @@ def run_compare(model_spec, guides, num_steps=None, out="vi-flows-compare", quie
             written.append(filename)
     except Exception as error:  # the table and plots are already written; say what is missing
         print(f"no InferenceData written ({type(error).__name__}: {str(error).splitlines()[0]})")
-    if quiet:  # compare() has already said so otherwise
-        for name, error in result.errors.items():
-            print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    for name, error in result.errors.items():
+        print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     print(f"wrote {', '.join(written)} to {out}/")
     return result
