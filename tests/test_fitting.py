@@ -140,7 +140,7 @@ def _eager_step(module, num_particles=8, sticking_the_landing=False):
 def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name, sticking_the_landing):
     module = load_model(name)
     guide, nesting, step = _eager_step(module, sticking_the_landing=sticking_the_landing)
-    traced = compile_negative_elbo(module.model, guide, step.params, 8, nesting, backend=None, sticking_the_landing=sticking_the_landing)
+    traced = compile_negative_elbo(module.model, guide, step.params, step.particles, backend=None, sticking_the_landing=sticking_the_landing)
     pyros = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=nesting)
     results = []
     for loss in (functools.partial(pyros.differentiable_loss, module.model, guide), step.loss, traced):  # on the same draws
@@ -170,14 +170,14 @@ def test_parameters_the_traced_loss_does_not_read_are_refused():
     guide, nesting, step = _eager_step(module)
     copies = [param.detach().clone().requires_grad_() for param in step.params]
     with pytest.raises(CompileError, match=rf"parameters \[0, 1, .*\] \(of {len(copies)}\) do not reach the traced loss"):
-        compile_negative_elbo(module.model, guide, copies, 8, nesting)
+        compile_negative_elbo(module.model, guide, copies, step.particles)
 
 
 def test_compiled_loss_and_gradient_have_the_eager_means():
     # The compiled graph draws its own random numbers: compare means over many draws.
     module = load_model("banana")
     guide, nesting, step = _eager_step(module, num_particles=16)
-    compiled = compile_negative_elbo(module.model, guide, step.params, 16, nesting)
+    compiled = compile_negative_elbo(module.model, guide, step.params, step.particles)
     samples = []
     for loss in (step.loss, compiled):
         values = []

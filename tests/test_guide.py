@@ -23,6 +23,7 @@ from pyro.nn import PyroModule, PyroSample
 
 from vi_flows import AutoFlow, available_flows, transform_fn
 from vi_flows.compiled_elbo import negative_elbo
+from vi_flows.particles import Particles
 from vi_flows.autoflow.noncentring import PartialNonCentring
 
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"), pytest.mark.usefixtures("fresh_param_store")]
@@ -328,15 +329,15 @@ def test_sticking_the_landing_gradient_vanishes_at_the_exact_posterior(dim, stic
     guide()
     with torch.no_grad():
         guide.flow.u.zero_()
-    loss = negative_elbo(model, guide, 8, 0, sticking_the_landing=sticking_the_landing)
+    loss = negative_elbo(model, guide, Particles(8, 0), sticking_the_landing=sticking_the_landing)
     gradients = torch.autograd.grad(loss, list(guide.parameters()), allow_unused=True, materialize_grads=True)
     norm = max(gradient.abs().max().item() for gradient in gradients)
     assert norm < 1e-3 if vanishes else norm > 0.1, norm
     # Its value is the ELBO's either way.
     pyro.set_rng_seed(0)
-    plain = negative_elbo(model, guide, 8, 0)
+    plain = negative_elbo(model, guide, Particles(8, 0))
     pyro.set_rng_seed(0)
-    torch.testing.assert_close(negative_elbo(model, guide, 8, 0, sticking_the_landing=sticking_the_landing), plain)
+    torch.testing.assert_close(negative_elbo(model, guide, Particles(8, 0), sticking_the_landing=sticking_the_landing), plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

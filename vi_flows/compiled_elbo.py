@@ -11,23 +11,15 @@ import warnings
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch.fx.experimental.proxy_tensor import make_fx
 
-# sticking_the_landing="auto" uses the path-derivative gradient up to this many dimensions of a
-# guide site. Measured with fit's compiled step, 64 particles (python benchmarks/bench.py stl): a step
-# costs 2.2x / 2.9x / 4.4x / 15.3x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
-STICKING_THE_LANDING_MAX_DIM = 20
+from .messages import first_line
+from .particles import log_densities
 
 
 class CompileError(RuntimeError):
     """The loss of this model and guide could not be traced or compiled; the message says why."""
-
-
-def _first_line(failure):
-    message = str(failure).strip()
-    return f"{type(failure).__name__}: {message.splitlines()[0]}" if message else type(failure).__name__
 
 
 def first_score_function_site(guide, *args, **kwargs):
@@ -40,41 +32,24 @@ def first_score_function_site(guide, *args, **kwargs):
     return None
 
 
-def negative_elbo(model, guide, num_particles, max_plate_nesting, *args, sticking_the_landing=False, **kwargs):
-    """Pyro's vectorised ``Trace_ELBO`` loss, written for guides whose sample sites are all
-    reparameterised (no score-function terms): particles in an outermost plate, the model
-    replayed on the guide's draws, and the difference of the traces' log densities. Pyro's own
-    ``differentiable_loss`` cannot be traced: it reads a Python number (``.item()``) per site.
+def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **kwargs):
+    """Pyro's ``Trace_ELBO`` loss over ``particles`` (:class:`~vi_flows.particles.Particles`: how many
+    draws, and how the model runs on them), written for guides whose sample sites are all
+    reparameterised (no score-function terms): the mean over the guide's draws of log q - log p.
+    Pyro's own ``differentiable_loss`` cannot be traced: it reads a Python number (``.item()``) per site.
 
-    ``sticking_the_landing`` (``True``, ``False`` or ``"auto"``: up to ``STICKING_THE_LANDING_MAX_DIM``
-    dimensions) scores each guide site whose distribution offers ``path_derivative_log_prob`` (an
-    ``AutoFlow``'s) with it: the same value, its gradient through the draw alone, without the score
-    term whose expectation is zero (Roeder, Wu & Duvenaud, "Sticking the Landing", NeurIPS 2017).
-    Unbiased for this objective; with Renyi or importance-weighted objectives it would not be.
+    ``sticking_the_landing`` (``True``, ``False`` or ``"auto"``: up to
+    :data:`~vi_flows.particles.STICKING_THE_LANDING_MAX_DIM` dimensions) scores each guide site whose
+    distribution offers ``path_derivative_log_prob`` (an ``AutoFlow``'s) with it: the same value, its
+    gradient through the draw alone, without the score term whose expectation is zero (Roeder, Wu &
+    Duvenaud, "Sticking the Landing", NeurIPS 2017). Unbiased for this objective; with Renyi or
+    importance-weighted objectives it would not be.
     """
-    with pyro.plate("num_particles_vectorized", num_particles, dim=-(max_plate_nesting + 1)):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    path_sites = {
-        name: site
-        for name, site in guide_trace.iter_stochastic_nodes()
-        if _uses_path_derivative(site["fn"], sticking_the_landing)
-    }
-    log_q = guide_trace.log_prob_sum(site_filter=lambda name, site: name not in path_sites)
-    for site in path_sites.values():
-        log_q = log_q + scale_and_mask(site["fn"].path_derivative_log_prob(site["value"]), site["scale"], site["mask"]).sum()
-    return (log_q - model_trace.log_prob_sum()) / num_particles
+    log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+    return (log_q - log_p).mean()
 
 
-def _uses_path_derivative(fn, sticking_the_landing):
-    if not sticking_the_landing or not hasattr(fn, "path_derivative_log_prob"):
-        return False
-    return sticking_the_landing is True or fn.event_shape.numel() <= STICKING_THE_LANDING_MAX_DIM
-
-
-def compile_negative_elbo(
-    model, guide, params, num_particles, max_plate_nesting, *args, backend="inductor", sticking_the_landing=False, **kwargs
-):
+def compile_negative_elbo(model, guide, params, particles, *args, backend="inductor", sticking_the_landing=False, **kwargs):
     """Return a function of no arguments computing :func:`negative_elbo` through a compiled graph.
 
     The loss is traced once with ``params`` (the unconstrained parameter tensors of model and
@@ -91,9 +66,7 @@ def compile_negative_elbo(
         raise CompileError(f"guide site {name!r} is not reparameterised; its gradient needs score-function terms")
 
     def loss():
-        return negative_elbo(
-            model, guide, num_particles, max_plate_nesting, *args, sticking_the_landing=sticking_the_landing, **kwargs
-        )
+        return negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
 
     try:
         # Validation branches on values; it ran in the eager evaluations before this one. make_fx
@@ -102,7 +75,7 @@ def compile_negative_elbo(
         with pyro.validation_enabled(False):
             graph = make_fx(lambda *_: loss())(*params)
     except Exception as failure:  # tracing raises many types; eager mode still works
-        raise CompileError(f"could not trace the ELBO ({_first_line(failure)})") from failure
+        raise CompileError(f"could not trace the ELBO ({first_line(failure)})") from failure
     inputs = [node for node in graph.graph.nodes if node.op == "placeholder"]
     detached = [index for index, node in enumerate(inputs) if not node.users]
     if detached:
@@ -120,7 +93,7 @@ def compile_negative_elbo(
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
             compiled(*params).backward()  # torch.compile compiles at the first call
     except Exception as failure:  # the compilers raise many types; eager mode still works
-        raise CompileError(f"could not compile the ELBO ({_first_line(failure)})") from failure
+        raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
     finally:
         for param in params:
             param.grad = None

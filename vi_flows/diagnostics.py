@@ -2,9 +2,10 @@
 
 import math
 
+import pyro
 import torch
-from pyro.infer.importance import vectorized_importance_weights
 
+from .particles import choose, log_densities
 from .pyro_internals import max_plate_nesting
 
 
@@ -12,18 +13,13 @@ from .pyro_internals import max_plate_nesting
 def log_importance_weights(model, guide, *args, num_samples=4096, **kwargs):
     """Draw ``num_samples`` from ``guide`` and return ``log p(x, theta) - log q(theta)`` per draw.
 
-    Uses Pyro's vectorised importance sampler, so model and guide run once for all draws.
+    Model and guide run once for all draws where the model broadcasts over them, else as
+    :func:`~vi_flows.particles.choose` finds (the model's log density mapped over the draws).
     """
-    log_weights, _, _ = vectorized_importance_weights(
-        model,
-        guide,
-        *args,
-        num_samples=num_samples,
-        max_plate_nesting=max_plate_nesting(model, guide, *args, **kwargs),
-        normalized=False,
-        **kwargs,
-    )
-    return log_weights
+    particles = choose(model, guide, num_samples, max_plate_nesting(model, guide, *args, **kwargs), *args, **kwargs)
+    with pyro.validation_enabled(False):
+        log_q, log_p = log_densities(model, guide, particles, *args, **kwargs)
+    return log_p - log_q
 
 
 def elbo_estimate(log_weights):

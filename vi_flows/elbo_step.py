@@ -9,6 +9,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from .compiled_elbo import CompileError, compile_negative_elbo, first_score_function_site, negative_elbo
+from .particles import choose
 from .pyro_internals import trained_parameters
 
 
@@ -29,11 +30,11 @@ class ELBOStep:
     ):
         if sticking_the_landing not in (True, False, "auto"):
             raise ValueError(f"sticking_the_landing must be True, False or 'auto', got {sticking_the_landing!r}")
-        sizes = (num_particles, max_plate_nesting)
+        self.particles = None
         if first_score_function_site(guide, *args, **kwargs) is None:
-            self.loss = functools.partial(
-                negative_elbo, model, guide, *sizes, *args, sticking_the_landing=sticking_the_landing, **kwargs
-            )
+            self.particles = particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
+            _warn_unless_broadcast(particles)
+            self.loss = functools.partial(negative_elbo, model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
         else:  # score-function terms: Pyro's own estimator
             elbo = Trace_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
             self.loss = functools.partial(elbo.differentiable_loss, model, guide, *args, **kwargs)
@@ -44,7 +45,7 @@ class ELBOStep:
             start = time.perf_counter()
             try:
                 self.loss = compile_negative_elbo(
-                    model, guide, self.params, *sizes, *args, sticking_the_landing=sticking_the_landing, **kwargs
+                    model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
                 )
                 self.compiled = True
             except CompileError as failure:
@@ -65,6 +66,19 @@ class ELBOStep:
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss.item()
+
+
+def _warn_unless_broadcast(particles):
+    if particles.mode == "vmap":
+        warnings.warn(
+            f"the model does not broadcast over a leading particle dimension ({particles.reason}); fit maps its log "
+            "density over the guide's draws with torch.func.vmap instead, which gives the same ELBO."
+        )
+    elif particles.mode == "loop":
+        warnings.warn(
+            f"the model runs on one draw at a time only ({particles.reason}); fit takes its {particles.num} particles "
+            "one after another, about as many times slower. Pass num_particles=... to fit to trade noise for speed."
+        )
 
 
 def _warn_about_untrained(guide, params):
