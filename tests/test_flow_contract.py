@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
 
-import vi_flows
-from vi_flows import available_flows, build_flow, register_flow
+from vi_flows import available_flows, build_flow, registered_flow
 from vi_flows.flows.base import flow_jacobian
 
 
@@ -36,10 +35,14 @@ class ElementwiseAffine(TransformModule):
         return self.log_scale.sum().expand(x.shape[:-1])
 
 
-register_flow("test-elementwise-affine", replace=True)(ElementwiseAffine)
+# Every registered flow, and a user's flow registered for this module's tests only.
+FLOWS = [*available_flows(), "test-elementwise-affine"]
 
-FLOWS = [*vi_flows.available_flows()]
-assert "test-elementwise-affine" in FLOWS
+
+@pytest.fixture(autouse=True, scope="module")
+def _user_flow():
+    with registered_flow("test-elementwise-affine", ElementwiseAffine):
+        yield
 DIMS = [1, 2, 5, 17]
 BATCH_SHAPES = [(), (3,), (4, 3)]
 NUM_LAYERS = 3

@@ -16,6 +16,7 @@ from vi_flows import (
     build_flow,
     parse_spec,
     register_flow,
+    registered_flow,
 )
 from vi_flows.cli import main
 
@@ -74,15 +75,20 @@ def test_build_flow_passes_family_and_shared_keyword_arguments():
 def test_user_flow_that_is_not_stackable_is_composed():
     calls = []
 
-    @register_flow("test-counted-affine", replace=True)
     def counted(dim):
         """Counts its constructions."""
         calls.append(dim)
         return build_flow("householder", dim)
 
-    flow = build_flow("test-counted-affine*3", 2)
-    assert calls == [2, 2, 2] and len(flow.parts) == 3
-    assert available_flows()["test-counted-affine"] == "Counts its constructions."
+    with registered_flow("test-counted-affine", counted):
+        flow = build_flow("test-counted-affine*3", 2)
+        assert calls == [2, 2, 2] and len(flow.parts) == 3
+        assert available_flows()["test-counted-affine"] == "Counts its constructions."
+    # Scoped: gone after the block, and a replaced built-in comes back.
+    assert "test-counted-affine" not in available_flows()
+    with registered_flow("planar", counted):
+        assert available_flows()["planar"] == "Counts its constructions."
+    assert available_flows()["planar"].startswith("z + u tanh")
 
 
 def test_registering_a_taken_or_bad_name_is_refused():

@@ -1,12 +1,19 @@
-"""The ``vi-flows`` command line."""
+"""The ``vi-flows`` command line. Every argument is checked before any work: bad input is one line
+on stderr and exit status 2; a run in which every guide failed, or the model raised, exits 1."""
 
 import argparse
+import os
 import sys
+import traceback
+from pathlib import Path
 
-from .registry import available_flows, flow_aliases
+DEFAULT_OUT = "vi-flows-compare"
+GAUSSIANS = ("meanfield", "fullrank")
 
 
 def _list_flows(args):
+    from .registry import available_flows, flow_aliases
+
     flows = available_flows()
     width = max(map(len, flows))
     for name, description in flows.items():
@@ -26,16 +33,69 @@ def _list_models(args):
     return 0
 
 
+def _checked_out(out):
+    """The output folder, made if need be; ``ValueError`` where it cannot be written."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out!r} cannot be made ({error.strerror})") from error
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {out!r} is not writable")
+    return path
+
+
+def _check_guides(guides):
+    from .registry import parse_spec
+
+    for name in guides:
+        if name not in GAUSSIANS:
+            try:
+                parse_spec(name)
+            except ValueError as error:
+                raise ValueError(f"--guides {name!r}: {error}") from error
+
+
+def _where(error):
+    """Where in the user's code (not Pyro's or torch's) an exception was raised."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if "site-packages" not in frame.filename]
+    frames = [frame for frame in frames if f"{os.sep}vi_flows{os.sep}" not in frame.filename] or frames
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def _compare(args):
     from .compare import DEFAULT_GUIDES
-    from .report import run_compare
+    from .messages import first_line
+    from .zoo import load_model
 
+    guides = args.guides or list(DEFAULT_GUIDES)
     try:
-        run_compare(args.model, guides=args.guides or DEFAULT_GUIDES, num_steps=args.steps, out=args.out, quiet=args.quiet)
+        source = load_model(args.model)
+        _check_guides(guides)
+        out = _checked_out(args.out)
     except ValueError as error:
         print(f"vi-flows compare: {error}", file=sys.stderr)
         return 2
+    from .report import run_compare
+
+    try:
+        result = run_compare(args.model, source, guides, num_steps=args.steps, out=out, quiet=args.quiet, wide=args.wide)
+    except Exception as error:  # the model raised: one line and where, not a traceback through Pyro
+        print(f"vi-flows compare: the model failed: {first_line(error)}{_where(error)}", file=sys.stderr)
+        return 1
+    if not result.guides:
+        print("vi-flows compare: every guide failed (see the table)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _positive(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {text}")
+    return value
 
 
 def build_parser():
@@ -46,9 +106,10 @@ def build_parser():
     compare = commands.add_parser("compare", help="fit guides to a model and compare them with a reference posterior")
     compare.add_argument("model", nargs="?", default="funnel", help="a bundled model or path/to/file.py:function (default: funnel)")
     compare.add_argument("--guides", nargs="+", help="meanfield, fullrank or flow specs (default: meanfield fullrank and the default flow)")
-    compare.add_argument("--steps", type=int, help="SVI steps per guide (default: until fit's stopping rule)")
-    compare.add_argument("--out", default="vi-flows-compare", help="folder for the table and plots (default: vi-flows-compare)")
+    compare.add_argument("--steps", type=_positive, help="SVI steps per guide (default: until fit's stopping rule)")
+    compare.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the table and plots (default: {DEFAULT_OUT})")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("--wide", action="store_true", help="print every column of the table, not the ones that fit 100 characters")
     compare.set_defaults(run=_compare)
     return parser
 

@@ -75,8 +75,9 @@ class CompareResult:
                 posterior = next(iter(exported.values())).posterior
                 dims = {name: list(posterior[name].dims[2:]) for name in self.reference if name in posterior}
                 coords = {dim: posterior[dim].values for dim in posterior.dims if dim not in ("chain", "draw")}
+            chains = self.reference_report.get("num_chains", 1)  # NUTS chains stay chains, for R-hat
             exported["reference"] = arviz.from_dict(
-                posterior={name: values.unsqueeze(0).cpu().numpy() for name, values in self.reference.items()},
+                posterior={name: values.reshape((chains, -1) + values.shape[1:]).cpu().numpy() for name, values in self.reference.items()},
                 dims=dims,
                 coords=coords,
             )

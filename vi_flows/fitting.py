@@ -118,26 +118,20 @@ def fit(
         compile = False  # too few steps to repay the seconds of compiling
     result = FitResult()
     start = time.perf_counter()
-    # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
-    nesting = max_plate_nesting(model, guide, *args, **kwargs)
-    step_once = ELBOStep(
-        model,
-        guide,
-        *args,
-        num_particles=num_particles,
-        max_plate_nesting=nesting,
-        compile=compile,
-        clip_norm=clip_norm,
-        sticking_the_landing=sticking_the_landing,
-        **kwargs,
-    )
-    result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
-    result.compile_failure = step_once.compile_failure
-    learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
-    plateaus = PlateauRule(window)
-    guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
     bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step", mininterval=1.0)
     try:
+        if compile:
+            bar.set_description("fit: compiling the ELBO (seconds to minutes)", refresh=True)
+        # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
+        nesting = max_plate_nesting(model, guide, *args, **kwargs)
+        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing)
+        step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, **options, **kwargs)
+        bar.set_description("fit")
+        result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
+        result.compile_failure = step_once.compile_failure
+        learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
+        plateaus = PlateauRule(window)
+        guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
         for step in range(budget):
             guard.save_step()
             # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.

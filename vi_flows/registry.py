@@ -1,7 +1,9 @@
 """The flow registry and the spec language ``name[*K]+name[*K]...``."""
 
+import contextlib
 import difflib
 import functools
+import importlib
 import inspect
 import re
 from dataclasses import dataclass
@@ -28,6 +30,15 @@ class FlowEntry:
 
 _FLOWS: dict = {}
 _ALIASES: dict = {}
+_BUILTINS_LOADED = False
+
+
+def _load_builtins():
+    """Register the built-in flows (``vi_flows.flows.BUILTIN_FLOWS``) at the first use of the registry."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("vi_flows.flows")
 
 
 def register_flow(name, *, description=None, stackable=False, aliases=(), replace=False):
@@ -46,6 +57,7 @@ def register_flow(name, *, description=None, stackable=False, aliases=(), replac
 
         build_flow("shift*2+planar*4", dim=3)
     """
+    _load_builtins()
     for label in (name, *aliases):
         if not _NAME.match(label):
             raise ValueError(f"flow name {label!r} must be lower-case letters, digits, '-' or '_'")
@@ -63,18 +75,50 @@ def register_flow(name, *, description=None, stackable=False, aliases=(), replac
     return decorator
 
 
+def unregister_flow(name):
+    """Remove the flow registered under ``name`` and its aliases (built-ins too)."""
+    entry = get_flow(name)
+    del _FLOWS[entry.name]
+    for alias in entry.aliases:
+        _ALIASES.pop(alias, None)
+    return entry
+
+
+@contextlib.contextmanager
+def registered_flow(name, factory, **options):
+    """Register ``factory`` under ``name`` (``register_flow``'s options) for the ``with`` block only,
+    then restore the registry as it was, so that a test's flows do not leak into other tests::
+
+        with registered_flow("my-flow", MyFlow):
+            build_flow("my-flow*2", 3)
+    """
+    previous = _FLOWS.get(name)
+    register_flow(name, replace=True, **options)(factory)
+    try:
+        yield
+    finally:
+        unregister_flow(name)
+        if previous is not None:
+            register_flow(previous.name, description=previous.description, stackable=previous.stackable, aliases=previous.aliases)(
+                previous.factory
+            )
+
+
 def available_flows():
     """Return ``{name: description}`` of every registered flow, in registration order."""
+    _load_builtins()
     return {name: entry.description for name, entry in _FLOWS.items()}
 
 
 def flow_aliases():
     """Return ``{alias: name}`` of every registered alias."""
+    _load_builtins()
     return dict(_ALIASES)
 
 
 def get_flow(name):
     """Return the :class:`FlowEntry` registered under ``name`` or an alias of it."""
+    _load_builtins()
     canonical = _ALIASES.get(name, name)
     if canonical not in _FLOWS:
         known = [*_FLOWS, *_ALIASES]
@@ -95,6 +139,7 @@ def parse_spec(spec):
     Names are resolved to registered (canonical) names; a malformed spec raises ``ValueError``
     naming the offending term.
     """
+    _load_builtins()
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"flow spec must be a non-empty string, got {spec!r}; {_SPEC_HELP}")
     terms = []
@@ -119,6 +164,7 @@ def build_flow(spec, dim, **kwargs):
     (``build_flow("householder*2+iaf", 5, iaf={"hidden_dim": 32})``); any other keyword
     argument is passed to every family in the spec.
     """
+    _load_builtins()
     check_flow_options(spec, kwargs)
     family_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _FLOWS or key in _ALIASES}
     family_kwargs = {_ALIASES.get(key, key): value for key, value in family_kwargs.items()}

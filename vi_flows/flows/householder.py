@@ -5,7 +5,6 @@ import math
 import torch
 from torch import nn
 
-from ..registry import register_flow
 from .base import FlowTransform
 
 
@@ -23,11 +22,6 @@ def householder_product(vectors):
     return product
 
 
-@register_flow(
-    "householder",
-    stackable=True,
-    description="volume-preserving product of reflections; rotates a learnable base (Tomczak & Welling 2016)",
-)
 class Householder(FlowTransform):
     r"""A product of ``num_layers`` Householder reflections.
 

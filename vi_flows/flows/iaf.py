@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_flow
 from .base import NEAR_IDENTITY, FlowTransform
 
 
@@ -18,11 +17,6 @@ def _made_masks(dim, hidden_dim, input_degrees):
     return input_mask, output_mask
 
 
-@register_flow(
-    "iaf",
-    stackable=True,
-    description="affine inverse autoregressive flow with a MADE network (Kingma et al. 2016)",
-)
 class IAF(FlowTransform):
     r"""A stack of ``num_layers`` affine inverse autoregressive layers held in one module.
 

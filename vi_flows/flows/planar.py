@@ -6,17 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_flow
 from .base import NEAR_IDENTITY, FlowTransform, solve_monotone
 
 _LOG_E_MINUS_1 = math.log(math.e - 1)
 
 
-@register_flow(
-    "planar",
-    stackable=True,
-    description="z + u tanh(w.z + b): bends space along a hyperplane (Rezende & Mohamed 2015)",
-)
 class Planar(FlowTransform):
     r"""A stack of ``num_layers`` planar layers held in one module.
 

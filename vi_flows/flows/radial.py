@@ -6,15 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_flow
 from .base import NEAR_IDENTITY, FlowTransform
 
 
-@register_flow(
-    "radial",
-    stackable=True,
-    description="z + beta (z - z0) / (alpha + |z - z0|): contracts or expands around a point (Rezende & Mohamed 2015)",
-)
 class Radial(FlowTransform):
     r"""A stack of ``num_layers`` radial layers held in one module.
 

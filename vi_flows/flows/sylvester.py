@@ -5,7 +5,6 @@ import math
 import torch
 from torch import nn
 
-from ..registry import register_flow
 from .base import NEAR_IDENTITY, FlowTransform, solve_monotone
 from .householder import householder_product
 
@@ -88,11 +87,6 @@ class _Sylvester(FlowTransform):
         return f"{super().extra_repr()}, bottleneck={self.bottleneck}"
 
 
-@register_flow(
-    "sylvester-orthogonal",
-    stackable=True,
-    description="z + QR h(R~Q^T z + b) with Q: D x M orthonormal columns, M <= D (van den Berg et al. 2018)",
-)
 class OrthogonalSylvester(_Sylvester):
     r"""Sylvester flow whose ``Q`` has ``bottleneck`` <= D orthonormal columns of a free matrix.
 
@@ -126,12 +120,6 @@ class OrthogonalSylvester(_Sylvester):
         return torch.linalg.qr(self.q_raw).Q
 
 
-@register_flow(
-    "sylvester-householder",
-    stackable=True,
-    description="Sylvester flow with Q a product of Householder reflections (van den Berg et al. 2018)",
-    aliases=("sylvester",),
-)
 class HouseholderSylvester(_Sylvester):
     r"""Sylvester flow whose square ``Q`` is a product of ``num_reflections`` Householder reflections.
 
@@ -159,11 +147,6 @@ class HouseholderSylvester(_Sylvester):
         return householder_product(self.reflections)
 
 
-@register_flow(
-    "sylvester-triangular",
-    stackable=True,
-    description="Sylvester flow with Q alternating identity / reversal permutation (van den Berg et al. 2018)",
-)
 class TriangularSylvester(_Sylvester):
     r"""Sylvester flow whose ``Q`` alternates between the identity and the reversal permutation.
 
