@@ -56,6 +56,27 @@ def test_funnel_moments_match_the_sampler_and_quadrature():
     assert (moments["x"][0] == 0).all()  # x_i | y is centred for every y
 
 
+def test_hierarchical_quadrature_moments_match_importance_sampling_from_the_prior():
+    """Eight schools' exact moments (quadrature over tau, closed form given tau) against 2 x 10^6
+    prior draws weighted by the likelihood (ESS in the hundreds of thousands)."""
+    from vi_flows.models import eight_schools
+
+    generator = torch.Generator().manual_seed(0)
+    num = 2_000_000
+    mu = 5.0 * torch.randn(num, generator=generator, dtype=torch.float64)
+    tau = 5.0 * torch.randn(num, generator=generator, dtype=torch.float64).div(torch.randn(num, generator=generator, dtype=torch.float64)).abs()
+    theta = mu.unsqueeze(-1) + tau.unsqueeze(-1) * torch.randn(num, 8, generator=generator, dtype=torch.float64)
+    log_weight = pyro.distributions.Normal(theta, eight_schools.STANDARD_ERRORS.double()).log_prob(eight_schools.EFFECTS.double()).sum(-1)
+    weight = (log_weight - log_weight.logsumexp(0)).exp()
+    assert 1 / (weight**2).sum() > 1e5
+    for name, values in {"mu": mu, "theta": theta}.items():
+        exact_mean, exact_sd = eight_schools.posterior_moments()[name]
+        mean = (weight.unsqueeze(-1) * values.reshape(num, -1)).sum(0)
+        sd = ((weight.unsqueeze(-1) * (values.reshape(num, -1) - mean) ** 2).sum(0)).sqrt()
+        torch.testing.assert_close(mean.float().reshape(exact_mean.shape), exact_mean, atol=0.02 * exact_sd.max().item(), rtol=0)
+        torch.testing.assert_close(sd.float().reshape(exact_sd.shape), exact_sd, rtol=0.02, atol=0)
+
+
 @pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
 def test_conjugate_log_z_matches_importance_sampling_from_the_posterior(module):
     """log Z = log p(x, theta) - log p(theta | x) at any theta: check it at exact draws."""
