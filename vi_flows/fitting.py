@@ -15,7 +15,7 @@ from .schedule import LearningRate, PlateauRule
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
 # takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
-# (python -m vi_flows.bench speed), so such a run repays it.
+# (python benchmarks/bench.py speed), so such a run repays it.
 COMPILE_MIN_STEPS = 2000
 
 
