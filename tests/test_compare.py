@@ -190,3 +190,66 @@ def test_the_reference_cache_key_follows_the_data_a_model_reads(tmp_path):
     # Same source: other covariates (a module global the trace does not record) or other observations
     # are other keys; the same data is the same key.
     assert len(set(keys[:3])) == 3 and keys[3] == keys[0]
+
+
+def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr("vi_flows.report.compare", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in [
+        (["--out", str(a_file)], "is a file, not a folder"),
+        (["--out", str(a_file / "below")], "cannot be made"),
+        (["--guides", "meanfield", "planar*x"], "--guides 'planar*x': malformed flow spec"),
+    ]:
+        assert main(["compare", "banana", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+    for steps in ("0", "-5"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare", "banana", "--steps", steps])
+        assert exit_.value.code == 2 and "must be a positive number of steps" in capsys.readouterr().err
+
+
+def test_cli_exits_nonzero_when_every_guide_failed(tmp_path, capsys):
+    # Pyro's Gaussian autoguides cannot initialise the mixture's ImproperUniform sites.
+    code = main(["compare", "gaussian_mixture", "--guides", "meanfield", "fullrank", "--steps", "5", "--out", str(tmp_path), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1 and "every guide failed" in captured.err
+    assert "meanfield failed: NotImplementedError" in captured.out and "fullrank failed" in captured.out
+
+
+def test_cli_says_in_one_line_where_a_model_failed(tmp_path, capsys):
+    path = tmp_path / "broken.py"
+    path.write_text("import pyro, pyro.distributions as dist\ndef model():\n    x = pyro.sample('x', dist.Normal(0., 1.))\n    raise ValueError('no data loaded')\n")
+    assert main(["compare", f"{path}:model", "--steps", "5", "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "ValueError: no data loaded" in error[0] and f"{path}:4" in error[0], error
+
+
+def test_cli_table_fits_a_hundred_columns_unless_wide(tmp_path, capsys):
+    argv = ["compare", "banana", "--guides", "meanfield", "planar*2", "--steps", "5", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "narrow")]) == 0
+    narrow = [line for line in capsys.readouterr().out.splitlines() if "planar*2" in line or line.lstrip().startswith("guide")]
+    assert max(map(len, narrow)) <= 100, narrow
+    assert main([*argv, "--wide", "--out", str(tmp_path / "wide")]) == 0
+    wide = capsys.readouterr().out
+    assert "log_q_ref" in wide and "khat_draws" in wide
+
+
+def test_help_starts_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from vi_flows.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_the_reference_keeps_its_chains_in_arviz():
+    reference = banana.sample_posterior(400)
+    result = compare(banana.model, guides=("planar",), reference=reference, num_steps=5, num_draws=100, quiet=True)
+    result.reference_report = {"num_chains": 2}  # as nuts_reference reports two chains of 200
+    posterior = result.inference_data(num_samples=50)["reference"].posterior
+    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == 200

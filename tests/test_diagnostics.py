@@ -71,3 +71,26 @@ def test_wasserstein_of_a_shift_is_the_shift():
     b = torch.randn(40000, 2, generator=generator) + torch.tensor([0.0, 0.7])
     distance = wasserstein_1d(a, b)
     assert distance[0] < 0.03 and abs(distance[1] - 0.7) < 0.03
+
+
+def test_khat_near_a_threshold_is_taken_from_more_draws():
+    """Log weights of a Pareto tail with index k: a k-hat within 0.1 of 0.5 or 0.7 is taken again
+    from four times the draws, and its reading then varies less from one set of draws to the next."""
+    from vi_flows.diagnostics import stable_khat
+
+    def pareto(k, generator):
+        return lambda num: -k * torch.rand(num, generator=generator, dtype=torch.float64).log()
+
+    generator = torch.Generator().manual_seed(0)
+    far, draws_far = stable_khat(pareto(0.2, generator), 4096)
+    assert draws_far == 4096 and abs(far - 0.2) < 0.1
+    readings, pooled = {"once": [], "stable": []}, []
+    for seed in range(20):
+        generator.manual_seed(seed)
+        readings["once"].append(khat_reading(psis_khat(pareto(0.68, generator)(1024))))
+        generator.manual_seed(seed)
+        khat, draws = stable_khat(pareto(0.68, generator), 1024)
+        pooled.append(draws == 4096)
+        readings["stable"].append(khat_reading(khat))
+    flips = {name: min(values.count(reading) for reading in set(values)) for name, values in readings.items()}
+    assert sum(pooled) >= 10 and flips["stable"] < flips["once"], (readings, pooled)

@@ -14,7 +14,7 @@ from .diagnostics import (
     khat_reading,
     log_importance_weights,
     moment_errors,
-    psis_khat,
+    stable_khat,
     wasserstein_1d,
     worst_moment_errors,
 )
@@ -112,12 +112,18 @@ def _score(model, guide, fitted, scoring, args, kwargs):
     """The table's row for one fitted guide, and its rows of per-parameter errors."""
     log_weights = log_importance_weights(model, guide, *args, num_samples=scoring.num_draws, **kwargs)
     elbo, elbo_se = elbo_estimate(log_weights)
-    khat = psis_khat(log_weights)
+    drawn = [log_weights]  # k-hat's first set is the one the ELBO came from
+
+    def draw_log_weights(num):
+        return drawn.pop() if drawn else log_importance_weights(model, guide, *args, num_samples=num, **kwargs)
+
+    khat, khat_draws = stable_khat(draw_log_weights, scoring.num_draws)
     row = {
         "elbo": elbo,
         "elbo_se": elbo_se,
         "iw_elbo": iw_elbo(log_weights),
         "khat": khat,
+        "khat_draws": khat_draws,
         "khat_reading": khat_reading(khat),
         "kl": scoring.log_z - elbo if scoring.log_z is not None else math.nan,
         **dict.fromkeys(["worst_mean_error", "sd_ratio_min", "sd_ratio_max", "mean_log_q_at_reference"], math.nan),

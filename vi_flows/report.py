@@ -23,6 +23,7 @@ COLUMNS = {
     "iw_elbo": ("iw_elbo", "{:.3f}"),
     "kl": ("kl", "{:.3f}"),
     "khat": ("khat", "{:.2f}"),
+    "khat_draws": ("khat_draws", "{:.0f}"),
     "khat_reading": ("reading", "{}"),
     "worst_mean_error": ("mean_err", "{:.3f}"),
     "sd_ratio_min": ("sd_min", "{:.3f}"),
