@@ -86,3 +86,19 @@ def test_pyro_deterministic_sites_join_the_posterior():
     assert {"mu", "mu_plus_one"} == set(exported.posterior.data_vars)
     assert list(exported.log_likelihood.data_vars) == ["obs"]
     np.testing.assert_allclose(exported.posterior["mu_plus_one"], exported.posterior["mu"] + 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eight_schools", "hierarchical_100", "ordinal_simplex", "challenger", "funnel", "banana"])
+def test_export_of_the_zoos_models_warns_of_nothing(name, caplog):
+    import importlib
+    import logging
+    import warnings as warnings_module
+
+    module = importlib.import_module(f"vi_flows.models.{name}")
+    pyro.clear_param_store()
+    guide = AutoFlow(module.model, flow="planar", init="prior")
+    guide()
+    with warnings_module.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings_module.simplefilter("error")
+        to_inference_data(guide, module.model, num_samples=50)
+    assert not caplog.records, [record.getMessage() for record in caplog.records]

@@ -1,5 +1,7 @@
 """Export a fitted guide's posterior to ArviZ ``InferenceData`` (ArviZ's ``from_pyro`` takes MCMC only)."""
 
+from typing import Callable
+
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -30,7 +32,7 @@ def _is_deterministic(site):
 
 
 @torch.no_grad()
-def to_inference_data(guide, model, *args, num_samples=1000, **kwargs):
+def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int = 1000, **kwargs) -> "arviz.InferenceData":  # noqa: F821
     """Draw ``num_samples`` from ``guide`` and return an ``arviz.InferenceData`` with groups
 
     - ``posterior``: every latent site in the model's constrained space, and every deterministic
@@ -71,8 +73,11 @@ def to_inference_data(guide, model, *args, num_samples=1000, **kwargs):
             posterior[name] = site["value"].reshape((1, num_samples) + shape).cpu().numpy()
         elif site["is_observed"]:
             shape = site["value"].shape
-            log_likelihood[name] = site["log_prob"].reshape((1, num_samples) + shape).cpu().numpy()
+            event_dim = site["fn"].event_dim  # a pointwise log likelihood has the batch shape only
+            log_likelihood[name] = site["log_prob"].reshape((1, num_samples) + shape[: len(shape) - event_dim]).cpu().numpy()
             observed[name] = site["value"].cpu().numpy()
+            if event_dim:  # the two groups' shapes differ: ArviZ names their axes itself
+                continue
         else:
             continue
         dims[name] = _dims(name, shape, site["fn"].event_dim, site["cond_indep_stack"], plate_sizes)

@@ -4,6 +4,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyro
 from tqdm import tqdm
@@ -49,27 +50,27 @@ class FitResult:
 
 
 def fit(
-    model,
-    guide,
+    model: Callable,
+    guide: Callable,
     *args,
-    num_steps=None,
-    lr=1e-2,
-    num_particles=64,
-    seed=None,
-    progress=True,
-    compile="auto",
-    max_steps=20000,
-    window=1000,
-    warmup_steps=100,
-    plateau_factor=0.2,
-    num_plateaus=3,
-    final_lr_fraction=0.1,
-    clip_norm=10.0,
-    rollback_block=100,
-    max_rollbacks=3,
-    sticking_the_landing="auto",
+    num_steps: int | None = None,
+    lr: float = 1e-2,
+    num_particles: int = 64,
+    seed: int | None = None,
+    progress: bool = True,
+    compile: bool | str = "auto",
+    max_steps: int = 20000,
+    window: int = 1000,
+    warmup_steps: int = 100,
+    plateau_factor: float = 0.2,
+    num_plateaus: int = 3,
+    final_lr_fraction: float = 0.1,
+    clip_norm: float = 10.0,
+    rollback_block: int = 100,
+    max_rollbacks: int = 3,
+    sticking_the_landing: bool | str = "auto",
     **kwargs,
-):
+) -> FitResult:
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
 
     The learning rate warms up linearly over ``warmup_steps``. With ``num_steps`` fitting runs

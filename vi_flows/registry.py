@@ -41,7 +41,9 @@ def _load_builtins():
         importlib.import_module("vi_flows.flows")
 
 
-def register_flow(name, *, description=None, stackable=False, aliases=(), replace=False):
+def register_flow(
+    name: str, *, description: str | None = None, stackable: bool = False, aliases: tuple = (), replace: bool = False
+) -> Callable:
     """Register ``factory(dim, **kwargs) -> TransformModule`` under ``name`` (a decorator).
 
     A stackable factory also takes ``num_layers=K`` and builds K layers in one module (the fast
@@ -104,7 +106,7 @@ def registered_flow(name, factory, **options):
             )
 
 
-def available_flows():
+def available_flows() -> dict:
     """Return ``{name: description}`` of every registered flow, in registration order."""
     _load_builtins()
     return {name: entry.description for name, entry in _FLOWS.items()}
@@ -133,7 +135,7 @@ def get_flow(name):
     return _FLOWS[canonical]
 
 
-def parse_spec(spec):
+def parse_spec(spec: str) -> list:
     """Split ``"householder*4+planar*8"`` into ``[("householder", 4), ("planar", 8)]``.
 
     Names are resolved to registered (canonical) names; a malformed spec raises ``ValueError``
@@ -157,7 +159,7 @@ def parse_spec(spec):
     return terms
 
 
-def build_flow(spec, dim, **kwargs):
+def build_flow(spec: str, dim: int, **kwargs) -> Transform:
     """Build the transform a spec describes, applied from the base outward, on R^dim.
 
     Keyword arguments named after a registered flow are dicts passed to that family only
@@ -218,7 +220,7 @@ def check_flow_options(spec, options, owner="build_flow"):
         raise TypeError(f"{owner}: {'; '.join(problems)}. Options each flow of the spec takes: {takes}.")
 
 
-def transform_fn(spec, **flow_options):
+def transform_fn(spec: str, **flow_options) -> Callable:
     """Return an ``init_transform_fn`` for Pyro's own ``AutoNormalizingFlow``.
 
     Example::
