@@ -131,34 +131,41 @@ def fit(
         result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
         result.compile_failure = step_once.compile_failure
         learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
-        plateaus = PlateauRule(window)
+        plateaus = PlateauRule(window) if num_steps is None else None
         guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
-        for step in range(budget):
-            guard.save_step()
-            # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
-            with pyro.validation_enabled(False):
-                loss_value = step_once(learning_rate(step))
-            if math.isfinite(loss_value):
-                result.losses.append(loss_value)
-                _show_progress(bar, result.losses, learning_rate(step))
-            divergence = guard.check(result.losses, loss_value)
-            if divergence is not None:
-                if _roll_back(guard, divergence, math.isfinite(loss_value), result, max_rollbacks):
-                    break
-                learning_rate.cut()
-                plateaus.restart(len(result.losses))
-            elif num_steps is None and plateaus(result.losses):
-                learning_rate.cut()
-                if plateaus.count == num_plateaus:
-                    result.stop_reason = f"converged: {num_plateaus} plateaus of {window} steps"
-                    break
-        else:
+        result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar)
+        if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
         bar.close()
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar):
+    """Take up to ``budget`` steps, recording losses in ``result``; return why fitting stopped early,
+    or "" if it did not. ``plateaus`` is None for a fixed number of steps."""
+    for step in range(budget):
+        guard.save_step()
+        # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
+        with pyro.validation_enabled(False):
+            loss_value = step_once(learning_rate(step))
+        if math.isfinite(loss_value):
+            result.losses.append(loss_value)
+            _show_progress(bar, result.losses, learning_rate(step))
+        divergence = guard.check(result.losses, loss_value)
+        if divergence is not None:
+            if _roll_back(guard, divergence, math.isfinite(loss_value), result, max_rollbacks):
+                return result.stop_reason
+            learning_rate.cut()
+            if plateaus is not None:
+                plateaus.restart(len(result.losses))
+        elif plateaus is not None and plateaus(result.losses):
+            learning_rate.cut()
+            if plateaus.count == num_plateaus:
+                return f"converged: {num_plateaus} plateaus of {plateaus.window} steps"
+    return ""
 
 
 def _show_progress(bar, losses, lr):
