@@ -98,8 +98,8 @@ def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
     """No learning rate, no step count: every mean within 0.1 sd and every sd within 10%.
 
     The regression's coefficient sds span 1e-4 to 0.1; a fixed-rate loop on Pyro's full-rank guide
-    misses its means by several sds (``python -m vi_flows.bench fit``). The banana's x2 sd, a fourth
-    moment of x1, was 0.90-0.95 of the truth over seeds 0-5 (``python -m vi_flows.bench choose``).
+    misses its means by several sds (``python benchmarks/bench.py fit``). The banana's x2 sd, a fourth
+    moment of x1, was 0.90-0.95 of the truth over seeds 0-5 (``python benchmarks/bench.py choose``).
     The centred funnel's x sds are set by its tails (84% of Var(x_i) comes from y > 6, 2.3% of the
     mass): AutoFlow's non-centring gives each x_i the scale exp(y / 2) there too; without it the
     default flow ends 0.62-0.66 of the truth. Its sds need ``MOMENT_DRAWS`` = 10^7 draws: the worst
@@ -235,7 +235,7 @@ def test_compiled_fit_recovers_a_correlated_gaussian():
 
     pyro.clear_param_store()
     # The plain gradient: from this narrow start the path-derivative one needs more than 1500 steps
-    # (README, "Sticking the landing").
+    # (RESULTS.md, "Sticking the landing").
     guide = AutoFlow(model, flow="householder", base="fullrank", init="prior")
     result = fit(model, guide, num_steps=1500, progress=False, seed=0, compile=True, sticking_the_landing=False)
     assert result.compiled and result.compile_failure == "" and 0 < result.compile_seconds < result.seconds
