@@ -364,3 +364,23 @@ def test_repeated_divergence_stops_at_the_best_parameters_with_a_warning(monkeyp
         guide, result, _ = _gaussian_fit_with_kicks(monkeypatch, kicks, num_steps=1200, max_rollbacks=2)
     assert len(result.rollbacks) == 2 and result.stop_reason.startswith("diverged") and result.num_steps == 900
     _assert_close_to_the_posterior(guide)
+
+
+def test_fit_chooses_its_threads_and_restores_the_callers():
+    from vi_flows.threads import fastest_threads
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fastest_threads(lambda: None) == 1  # nothing to share out: one thread
+        pyro.clear_param_store()
+        chosen = fit(model, AutoFlow(model, flow="planar"), num_steps=5, progress=False).num_threads
+        assert chosen in (1, 2) and torch.get_num_threads() == 2
+        pyro.clear_param_store()
+        assert fit(model, AutoFlow(model, flow="planar"), num_steps=5, progress=False, threads=1).num_threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

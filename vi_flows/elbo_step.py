@@ -5,12 +5,14 @@ import functools
 import time
 import warnings
 
+import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
 from .compiled_elbo import CompileError, compile_negative_elbo, first_score_function_site, negative_elbo
 from .particles import choose
 from .pyro_internals import trained_parameters
+from .threads import fastest_threads, intra_op_threads
 
 
 class ELBOStep:
@@ -20,13 +22,24 @@ class ELBOStep:
     reparameterised), its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's
     ``ClippedAdam`` does) and an Adam update of every parameter that model and guide read.
 
-    With ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
+    ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
+    them, None keeps the caller's); with ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
     (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it falls back to
     eager steps, keeping the reason in ``compile_failure``.
     """
 
     def __init__(
-        self, model, guide, *args, num_particles, max_plate_nesting, compile=False, clip_norm=10.0, sticking_the_landing="auto", **kwargs
+        self,
+        model,
+        guide,
+        *args,
+        num_particles,
+        max_plate_nesting,
+        compile=False,
+        clip_norm=10.0,
+        sticking_the_landing="auto",
+        threads=None,
+        **kwargs,
     ):
         if sticking_the_landing not in (True, False, "auto"):
             raise ValueError(f"sticking_the_landing must be True, False or 'auto', got {sticking_the_landing!r}")
@@ -40,13 +53,15 @@ class ELBOStep:
             self.loss = functools.partial(elbo.differentiable_loss, model, guide, *args, **kwargs)
         self.params = trained_parameters(self.loss)
         _warn_about_untrained(guide, self.params)
+        self.num_threads = self._threads(threads)
         self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
         if compile:
             start = time.perf_counter()
             try:
-                self.loss = compile_negative_elbo(
-                    model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
-                )
+                with intra_op_threads(self.num_threads):  # the compiled kernels are built for this many
+                    self.loss = compile_negative_elbo(
+                        model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
+                    )
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:
@@ -55,6 +70,24 @@ class ELBOStep:
             self.compile_seconds = time.perf_counter() - start
         self.clip_norm = clip_norm
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
+
+    def _threads(self, threads):
+        """The intra-op threads to step on: ``threads``, or with "auto" the faster of one and all
+        (:func:`~vi_flows.threads.fastest_threads`, timing the eager loss and its gradient), or with
+        None the caller's setting."""
+        if threads is None:
+            return torch.get_num_threads()
+        if threads != "auto":
+            return int(threads)
+
+        def loss_and_gradient():
+            self.loss().backward()
+
+        with pyro.validation_enabled(False):
+            num_threads = fastest_threads(loss_and_gradient)
+        for param in self.params:
+            param.grad = None
+        return num_threads
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it."""

@@ -13,6 +13,7 @@ from .pyro_internals import max_plate_nesting
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
 from .schedule import LearningRate, PlateauRule
+from .threads import intra_op_threads
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
 # takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
@@ -36,8 +37,9 @@ class FittingError(RuntimeError):
 class FitResult:
     """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
     included), why it stopped, whether its steps ran compiled, how long compiling took and, where
-    it was tried and failed, why, and each rollback after the loss diverged (what was seen, what was
-    restored). ``(seconds - compile_seconds) / num_steps`` is the time per step."""
+    it was tried and failed, why, each rollback after the loss diverged (what was seen, what was
+    restored), and how many intra-op threads the steps ran on. ``(seconds - compile_seconds) /
+    num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -47,6 +49,7 @@ class FitResult:
     compile_seconds: float = 0.0
     compile_failure: str = ""
     rollbacks: list = field(default_factory=list)
+    num_threads: int = 0
 
 
 def fit(
@@ -69,6 +72,7 @@ def fit(
     rollback_block: int = 100,
     max_rollbacks: int = 3,
     sticking_the_landing: bool | str = "auto",
+    threads: int | str = "auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -95,6 +99,11 @@ def fit(
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
     compiling fails (the result's ``compile_failure`` says why); ``True`` raises
     :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
+
+    ``threads``: the intra-op threads the steps run on. ``"auto"`` times a few evaluations of the loss
+    on one thread and on all (``torch.get_num_threads()``) and keeps one unless all are 1.2x faster:
+    a small model's step gains little from a second thread and loses 5-30x when another process
+    holds a core. The caller's setting is restored afterwards; an integer fixes it.
 
     ``sticking_the_landing`` (``True``, ``False`` or ``"auto"``) scores the draws of guides that offer
     it (``AutoFlow``) with the path-derivative gradient, whose variance vanishes as the guide
@@ -125,15 +134,16 @@ def fit(
             bar.set_description("fit: compiling the ELBO (seconds to minutes)", refresh=True)
         # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
-        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing)
+        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads)
         step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, **options, **kwargs)
         bar.set_description("fit")
         result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
-        result.compile_failure = step_once.compile_failure
+        result.compile_failure, result.num_threads = step_once.compile_failure, step_once.num_threads
         learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
         plateaus = PlateauRule(window) if num_steps is None else None
         guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
-        result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar)
+        with intra_op_threads(step_once.num_threads):
+            result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
