@@ -11,9 +11,11 @@ import time
 
 import torch
 
-# A second thread must make a step this much faster to be kept: one thread is the safe choice on a
-# machine other jobs share.
+# More threads must make a step this much faster to be kept, and a step must take this long on one
+# thread for the difference to be more than timer noise: one thread is the safe choice on a machine
+# other jobs share.
 MIN_SPEEDUP = 1.2
+MIN_SECONDS = 1e-4
 
 
 @contextlib.contextmanager
@@ -29,7 +31,8 @@ def intra_op_threads(num_threads):
 
 def fastest_threads(step, rounds=3, reps=4):
     """1 or ``torch.get_num_threads()``, whichever runs ``step()`` faster (median of ``rounds``
-    interleaved rounds of ``reps`` calls), the larger only if it is ``MIN_SPEEDUP`` times faster."""
+    interleaved rounds of ``reps`` calls), the larger only if it is ``MIN_SPEEDUP`` times faster on a
+    step of at least ``MIN_SECONDS``."""
     available = torch.get_num_threads()
     if available == 1:
         return 1
@@ -43,4 +46,4 @@ def fastest_threads(step, rounds=3, reps=4):
                     step()
                 record.append(time.perf_counter() - start)
     one, many = statistics.median(seconds[1]), statistics.median(seconds[available])
-    return available if one > MIN_SPEEDUP * many else 1
+    return available if one > MIN_SPEEDUP * many and one > MIN_SECONDS * reps else 1
