@@ -83,7 +83,7 @@ class ELBOStep:
         def loss_and_gradient():
             self.loss().backward()
 
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), torch.random.fork_rng():  # a seeded fit draws what it would have
             num_threads = fastest_threads(loss_and_gradient)
         for param in self.params:
             param.grad = None
