@@ -15,7 +15,7 @@ def check_latent_sites(trace):
                 f"latent site {name!r} is discrete ({type(site['fn']).__name__}); AutoFlow models continuous "
                 "latents only. Enumerate it out (pyro.infer.config_enumerate with TraceEnum_ELBO) and hide it "
                 f"from this guide, e.g. AutoFlow(poutine.block(model, hide=[{name!r}])), or combine guides "
-                "with pyro.infer.autoguide.AutoGuideList."
+                "with pyro.infer.autoguide.AutoGuideList; see https://pyro.ai/examples/enumeration.html"
             )
         for frame in site["cond_indep_stack"]:
             if frame.vectorized and frame.full_size is not None and frame.size != frame.full_size:
