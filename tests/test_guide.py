@@ -402,7 +402,7 @@ def test_discrete_latent_site_is_named():
         pyro.sample("coin", dist.Bernoulli(0.5))
         pyro.sample("x", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ValueError, match="'coin' is discrete.*poutine.block"):
+    with pytest.raises(ValueError, match="'coin' is discrete.*poutine.block.*enumeration.html"):
         AutoFlow(model)()
 
 
