@@ -229,6 +229,14 @@ def test_cli_says_in_one_line_where_a_model_failed(tmp_path, capsys):
     assert len(error) == 1 and "ValueError: no data loaded" in error[0] and f"{path}:4" in error[0], error
 
 
+def test_cli_draws_the_marginals_it_is_asked_for(tmp_path, capsys):
+    argv = ["compare", "banana", "--guides", "planar", "--steps", "5", "--quiet"]
+    assert main([*argv, "--parameters", "x2", "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / "marginals.png").stat().st_size > 0
+    assert main([*argv, "--parameters", "nope", "--out", str(tmp_path / "none")]) == 0
+    assert "no marginals.png: no parameter 'nope'; the model's are x1, x2" in capsys.readouterr().out
+
+
 def test_cli_table_fits_a_hundred_columns_unless_wide(tmp_path, capsys):
     argv = ["compare", "banana", "--guides", "meanfield", "planar*2", "--steps", "5", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "narrow")]) == 0

@@ -2,6 +2,7 @@
 on stderr and exit status 2; a run in which every guide failed, or the model raised, exits 1."""
 
 import argparse
+import functools
 import os
 import sys
 import traceback
@@ -81,7 +82,8 @@ def _compare(args):
     from .report import run_compare
 
     try:
-        result = run_compare(args.model, source, guides, num_steps=args.steps, out=out, quiet=args.quiet, wide=args.wide)
+        options = dict(num_steps=args.steps, out=out, quiet=args.quiet, wide=args.wide, parameters=args.parameters)
+        result = run_compare(args.model, source, guides, functools.partial(print, flush=True), **options)
     except Exception as error:  # the model raised: one line and where, not a traceback through Pyro
         print(f"vi-flows compare: the model failed: {first_line(error)}{_where(error)}", file=sys.stderr)
         return 1
@@ -110,6 +112,7 @@ def build_parser():
     compare.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the table and plots (default: {DEFAULT_OUT})")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.add_argument("--wide", action="store_true", help="print every column of the table, not the ones that fit 100 characters")
+    compare.add_argument("--parameters", nargs="+", help="the marginals' panels, e.g. tau 'theta[0]' (default: the first 12)")
     compare.set_defaults(run=_compare)
     return parser
 

@@ -63,6 +63,9 @@ def marginals(result, path, parameters=None, num_draws=4000):
     their labels, default the first ``MAX_PANELS``, the title says of how many), each on the
     central 95% of all draws, so that the shapes can be told apart however heavy the tails."""
     columns = _scalar_columns(result.reference)
+    missing = sorted(set(parameters or ()) - {label for label, _, _ in columns})
+    if missing:
+        raise ValueError(f"no parameter {', '.join(map(repr, missing))}; the model's are {', '.join(label for label, _, _ in columns)}")
     shown = [column for column in columns if parameters is None or column[0] in parameters][: None if parameters else MAX_PANELS]
     draws = {name: sample_constrained(guide, num_draws) for name, guide in result.guides.items()}
     width = min(4, len(shown))

@@ -1,5 +1,5 @@
-"""The ``vi-flows compare`` job: run :func:`vi_flows.compare` on a model, print its table and write
-its files. The command line's edge: the one module of the job that prints."""
+"""The ``vi-flows compare`` job: run :func:`vi_flows.compare` on a model, write its files, and hand
+the lines to show (model, reference, table, failures, files) to the caller's ``say``."""
 
 import re
 from pathlib import Path
@@ -56,16 +56,19 @@ def plain_text(rows):
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def run_compare(model_spec, source, guides, num_steps=None, out="vi-flows-compare", quiet=False, wide=False, seed=0, num_draws=4096):
+def run_compare(
+    model_spec, source, guides, say, num_steps=None, out="vi-flows-compare", quiet=False, wide=False, parameters=None, seed=0, num_draws=4096
+):
     """Fit ``guides`` to ``source.model`` (a zoo model or ``path.py:function``, loaded by
     :func:`vi_flows.zoo.load_model`), print the table and write ``table.csv``, ``parameters.csv``,
     ``table.md``, ``elbo_traces.png``, ``khat.png``, ``marginals.png`` and one ArviZ netCDF file per
-    fitted guide and one for the reference (``reference.nc``, NUTS chains kept) to the folder ``out``."""
+    fitted guide and one for the reference (``reference.nc``, NUTS chains kept) to the folder ``out``;
+    ``parameters`` picks the marginals' panels. Every line to show goes to ``say`` (``print``, in the CLI)."""
     out, sample_posterior = Path(out), getattr(source, "sample_posterior", None)
     pyro.set_rng_seed(seed)  # the same reference draws, so the same table, on every run
     reference = sample_posterior(num_draws) if sample_posterior is not None else "nuts"
     kind = "exact posterior draws" if sample_posterior is not None else "Pyro's NUTS"
-    print(f"model: {model_spec} ({source.DESCRIPTION}); reference: {kind}", flush=True)
+    say(f"model: {model_spec} ({source.DESCRIPTION}); reference: {kind}")
     result = compare(
         source.model,
         guides=guides,
@@ -82,15 +85,15 @@ def run_compare(model_spec, source, guides, num_steps=None, out="vi-flows-compar
     if result.reference_report:
         report = result.reference_report
         made = "from the cache" if report["cached"] else f"in {report['seconds']:.1f} s"
-        print(f"NUTS reference {made}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}")
-    print(plain_text(format_table(result.table, COLUMNS if wide else NARROW)))
+        say(f"NUTS reference {made}: worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS {report['smallest_ess']:.0f}")
+    say(plain_text(format_table(result.table, COLUMNS if wide else NARROW)))
     for name, error in result.errors.items():
-        print(f"{name} failed: {first_line(error)}")
-    print(f"wrote {', '.join(_write(result, out))} to {out}/")
+        say(f"{name} failed: {first_line(error)}")
+    say(f"wrote {', '.join(_write(result, out, parameters, say))} to {out}/")
     return result
 
 
-def _write(result, out):
+def _write(result, out, parameters, say):
     rows = format_table(result.table)
     result.table.to_csv(out / "table.csv")
     result.parameters.to_csv(out / "parameters.csv", index=False)
@@ -99,13 +102,16 @@ def _write(result, out):
     plots.khat(result, out / "khat.png")
     written = ["table.csv", "parameters.csv", "table.md", "elbo_traces.png", "khat.png"]
     if result.reference and result.guides:
-        plots.marginals(result, out / "marginals.png")
-        written.append("marginals.png")
+        try:
+            plots.marginals(result, out / "marginals.png", parameters)
+            written.append("marginals.png")
+        except ValueError as error:  # --parameters named none of the model's
+            say(f"no marginals.png: {error}")
     try:
         for name, data in result.inference_data(num_samples=1000).items():
             filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".nc"
             data.to_netcdf(out / filename)
             written.append(filename)
     except Exception as error:  # the table and plots are already written; say what is missing
-        print(f"no InferenceData written ({first_line(error)})")
+        say(f"no InferenceData written ({first_line(error)})")
     return written
