@@ -1,15 +1,12 @@
-"""The negative ELBO as one compiled tensor program, which is what makes a ``fit`` step cheap.
+"""The negative ELBO, and its trace into one graph of tensor operations.
 
 At the sizes of most Bayesian models an SVI step spends its time in Python, not in arithmetic:
 Pyro's tracing of model and guide, and the dispatch of each small tensor operation. Tracing the
 loss once into a graph of tensor operations (``make_fx``) removes the first; compiling that graph
-(``torch.compile``, which fuses the operations of forward and backward pass) removes the second.
+with the rest of the step (:mod:`vi_flows.compiled_step`) removes the second.
 """
 
-import warnings
-
 import pyro
-import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -49,17 +46,14 @@ def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **
     return (log_q - log_p).mean()
 
 
-def compile_negative_elbo(model, guide, params, particles, *args, backend="inductor", sticking_the_landing=False, **kwargs):
-    """Return a function of no arguments computing :func:`negative_elbo` through a compiled graph.
+def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, **kwargs):
+    """:func:`negative_elbo` traced into a graph of tensor operations (``make_fx``): a
+    ``GraphModule`` whose inputs are ``params`` (the unconstrained parameter tensors of model and
+    guide, as Pyro's ``SVI`` collects them), so gradients reach them as in eager mode, and whose
+    random draws stay in the graph, fresh at every call (the same draws as eager mode, uncompiled).
 
-    The loss is traced once with ``params`` (the unconstrained parameter tensors of model and
-    guide, as Pyro's ``SVI`` collects them) as the graph's inputs, so gradients reach them as in
-    eager mode, and the guide's random draws stay in the graph, fresh at every call. The model's
-    Python control flow is fixed at tracing: a branch on a latent value cannot be traced and
-    raises :class:`CompileError`, as do a parameter that does not reach the traced loss and any
-    failure of the compiler. The graph is run once, forward and backward, before it is returned;
-    the gradients of that run are discarded.
-    ``backend=None`` returns the traced graph uncompiled (same random draws as eager mode).
+    The model's Python control flow is fixed at tracing: a branch on a latent value cannot be traced
+    and raises :class:`CompileError`, as does a parameter that does not reach the traced loss.
     """
     name = first_score_function_site(guide, *args, **kwargs)
     if name is not None:
@@ -86,15 +80,4 @@ def compile_negative_elbo(model, guide, params, particles, *args, backend="induc
             "tensors than the param store holds under their names (two guides of one name in the param store? "
             "pyro.clear_param_store() between them)"
         )
-    try:
-        compiled = graph if backend is None else torch.compile(graph, backend=backend, fullgraph=True, dynamic=False)
-        with warnings.catch_warnings():
-            # The compiler's own deprecation notices say nothing about the user's model.
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-            compiled(*params).backward()  # torch.compile compiles at the first call
-    except Exception as failure:  # the compilers raise many types; eager mode still works
-        raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
-    finally:
-        for param in params:
-            param.grad = None
-    return lambda: compiled(*params)
+    return graph

@@ -9,7 +9,8 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-from .compiled_elbo import CompileError, compile_negative_elbo, first_score_function_site, negative_elbo
+from .compiled_elbo import CompileError, first_score_function_site, negative_elbo, trace_negative_elbo
+from .compiled_step import CompiledAdamStep
 from .particles import choose
 from .pyro_internals import trained_parameters
 from .threads import fastest_threads, intra_op_threads
@@ -23,9 +24,10 @@ class ELBOStep:
     ``ClippedAdam`` does) and an Adam update of every parameter that model and guide read.
 
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
-    them, None keeps the caller's); with ``compile=True`` the loss runs through :func:`~vi_flows.compiled_elbo.compile_negative_elbo`
-    (raising :class:`~vi_flows.CompileError` where it cannot); with ``"auto"`` it falls back to
-    eager steps, keeping the reason in ``compile_failure``.
+    them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
+    update) runs as one compiled graph (:class:`~vi_flows.compiled_step.CompiledAdamStep`), raising
+    :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
+    keeping the reason in ``compile_failure``.
     """
 
     def __init__(
@@ -54,22 +56,25 @@ class ELBOStep:
         self.params = trained_parameters(self.loss)
         _warn_about_untrained(guide, self.params)
         self.num_threads = self._threads(threads)
+        self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
+        self.clip_norm = clip_norm
         self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
+        self._compiled_step = None
         if compile:
             start = time.perf_counter()
             try:
                 with intra_op_threads(self.num_threads):  # the compiled kernels are built for this many
-                    self.loss = compile_negative_elbo(
+                    graph = trace_negative_elbo(
                         model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
                     )
+                    self._compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, clip_norm)
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:
                     raise
                 self.compile_failure = str(failure)
+                self.optimizer.state.clear()  # eager Adam starts its own
             self.compile_seconds = time.perf_counter() - start
-        self.clip_norm = clip_norm
-        self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
 
     def _threads(self, threads):
         """The intra-op threads to step on: ``threads``, or with "auto" the faster of one and all
@@ -91,6 +96,8 @@ class ELBOStep:
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it."""
+        if self._compiled_step is not None:
+            return self._compiled_step(lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss()

@@ -92,7 +92,7 @@ def fit(
     still improving slowly (KL 0.10 at the stop against 0.010 with 1000), at twice the fitting time.
 
     ``compile``: with ``True`` the loss is traced into one graph and compiled with
-    ``torch.compile`` (see :func:`~vi_flows.compiled_elbo.compile_negative_elbo`): a step then
+    ``torch.compile`` with its gradient and update (see :mod:`~vi_flows.compiled_step`): a step then
     costs 0.15-0.5x an eager one, after 5-35 s of compiling (less from PyTorch's cache). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of

@@ -1,0 +1,154 @@
+"""The compiled step: the traced negative ELBO, and the whole step (gradient, clip, Adam) as one graph."""
+
+import copy
+import functools
+
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from vi_flows import AutoFlow, fit
+from vi_flows.compiled_elbo import CompileError, trace_negative_elbo
+from vi_flows.compiled_step import CompiledAdamStep
+from vi_flows.elbo_step import ELBOStep
+from vi_flows.pyro_internals import max_plate_nesting
+from vi_flows.zoo import load_model
+
+# Plates and a subsampled-free hierarchy; ordered, simplex and positive sites; ImproperUniform + factor.
+MODELS = ["funnel", "hierarchical_100", "ordinal_simplex", "gaussian_mixture"]
+
+
+def _eager_step(module, num_particles=8, sticking_the_landing=False, clip_norm=10.0):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    guide = AutoFlow(module.model, flow="planar*2+iaf", init="prior")
+    nesting = max_plate_nesting(module.model, guide)
+    step = ELBOStep(
+        module.model,
+        guide,
+        num_particles=num_particles,
+        max_plate_nesting=nesting,
+        sticking_the_landing=sticking_the_landing,
+        clip_norm=clip_norm,
+    )
+    return guide, nesting, step
+
+
+def _traced(module, guide, step, sticking_the_landing=False):
+    return trace_negative_elbo(module.model, guide, step.params, step.particles, sticking_the_landing=sticking_the_landing)
+
+
+@pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
+@pytest.mark.parametrize("name", MODELS)
+def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name, sticking_the_landing):
+    module = load_model(name)
+    guide, nesting, step = _eager_step(module, sticking_the_landing=sticking_the_landing)
+    graph = _traced(module, guide, step, sticking_the_landing)
+    pyros = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=nesting)
+    results = []
+    for loss in (functools.partial(pyros.differentiable_loss, module.model, guide), step.loss, lambda: graph(*step.params)):
+        pyro.set_rng_seed(0)  # the same draws
+        value = loss()
+        results.append((value, torch.autograd.grad(value, step.params)))
+    (pyro_value, pyro_grads), (eager, eager_grads), (traced, traced_grads) = results
+    assert torch.allclose(eager, pyro_value, rtol=1e-5) and torch.allclose(traced, eager, rtol=1e-5)
+    # The path-derivative gradient is the objective's own; without it all three agree.
+    for traced_grad, eager_grad, pyro_grad in zip(traced_grads, eager_grads, pyro_grads):
+        assert torch.allclose(traced_grad, eager_grad, rtol=1e-4, atol=1e-5)
+        assert sticking_the_landing or torch.allclose(eager_grad, pyro_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_the_traced_loss_does_not_read_are_refused():
+    # Copies are not the tensors the loss reads: traced, they would be constants, never trained.
+    module = load_model("banana")
+    guide, nesting, step = _eager_step(module)
+    copies = [param.detach().clone().requires_grad_() for param in step.params]
+    with pytest.raises(CompileError, match=rf"parameters \[0, 1, .*\] \(of {len(copies)}\) do not reach the traced loss"):
+        trace_negative_elbo(module.model, guide, copies, step.particles)
+
+
+def _snapshot(step):
+    return [param.detach().clone() for param in step.params], copy.deepcopy(step.optimizer.state_dict())
+
+
+@pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticking_the_landing):
+    """Loss, clipped gradient (clip 0.5: some elements are clipped) and torch's Adam, in one traced
+    graph: three steps from the same start on the same draws end where eager steps end."""
+    module = load_model(name)
+    guide, _, step = _eager_step(module, sticking_the_landing=sticking_the_landing, clip_norm=0.5)
+    start = [param.detach().clone() for param in step.params]
+    runs = []
+    for one_graph in (False, True):
+        with torch.no_grad():
+            torch._foreach_copy_(step.params, start)
+        step.optimizer.state.clear()
+        take = step
+        if one_graph:
+            take = CompiledAdamStep(_traced(module, guide, step, sticking_the_landing), step.params, step.optimizer, 0.5, backend=None)
+        losses = []
+        for index in range(3):
+            pyro.set_rng_seed(10 + index)
+            losses.append(take(1e-2))
+        runs.append((losses, *_snapshot(step)))
+    (eager_losses, eager_params, eager_state), (losses, params, state) = runs
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for eager_param, param, first in zip(eager_params, params, start):
+        assert (eager_param - first).abs().max() > 1e-3  # the steps moved it
+        torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-6)
+    for key, eager_entry in eager_state["state"].items():
+        assert float(state["state"][key]["step"]) == float(eager_entry["step"]) == 3
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state["state"][key][moment], eager_entry[moment], rtol=1e-3, atol=1e-8)
+
+
+def test_compiled_step_loss_and_gradient_have_the_eager_means():
+    """The compiled graph draws its own random numbers: compare means over many draws. With the
+    learning rate 0 and Adam's state cleared before each call, a step leaves the parameters where
+    they are and its first moment is (1 - beta1) times the gradient."""
+    module = load_model("banana")
+    guide, _, step = _eager_step(module, num_particles=16)
+    compiled = CompiledAdamStep(_traced(module, guide, step), step.params, step.optimizer, clip_norm=1e6)
+    loc_state = lambda: step.optimizer.state[guide.loc]  # noqa: E731
+    start = [param.detach().clone() for param in step.params]
+    samples = [[], []]
+    for _ in range(400):
+        value = step.loss()
+        samples[0].append(torch.cat([value.detach().reshape(1), torch.autograd.grad(value, guide.loc)[0]]))
+        step.optimizer.state.clear()
+        value = compiled(0.0)
+        samples[1].append(torch.cat([torch.tensor([value]), loc_state()["exp_avg"] / 0.1]))
+    assert all(torch.equal(param, first) for param, first in zip(step.params, start))
+    eager, graph = (torch.stack(values) for values in samples)
+    standard_error = ((eager.var(0) + graph.var(0)) / len(eager)).sqrt()
+    assert ((eager.mean(0) - graph.mean(0)).abs() < 4 * standard_error).all()
+
+
+def test_a_compiled_fit_rolls_back_through_the_optimisers_saved_state(monkeypatch):
+    """The guard restores Adam's state with ``load_state_dict``, which puts new tensors in it: the
+    compiled step must go on updating those."""
+    original = ELBOStep.__call__
+    calls = []
+
+    def kicked(self, lr):
+        if len(calls) == 400:
+            with torch.no_grad():
+                for param in self.params:
+                    param.add_(3.0)
+        calls.append(lr)
+        return original(self, lr)
+
+    monkeypatch.setattr(ELBOStep, "__call__", kicked)
+
+    def model():
+        pyro.sample("x", pyro.distributions.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="planar*2", init="laplace")
+    result = fit(model, guide, num_steps=800, progress=False, seed=0, compile=True)
+    assert result.compiled and len(result.rollbacks) == 1
+    draws = guide.sample_constrained(20000)["x"]
+    assert ((draws.mean(0) - torch.tensor([1.0, -2.0])).abs() / torch.tensor([0.5, 2.0])).max() < 0.05
+    assert ((draws.std(0) / torch.tensor([0.5, 2.0])) - 1).abs().max() < 0.05
