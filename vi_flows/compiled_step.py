@@ -24,7 +24,7 @@ class CompiledAdamStep:
     and ``optimizer``'s state in place, through one graph compiled with ``backend`` (None: the
     traced graph, uncompiled, which draws what eager mode draws). Returns the loss before the step.
 
-    The graph is run once before it is returned (its result discarded), which compiles it.
+    The graph is traced, and run once (which compiles it), on copies of its inputs.
     Raises :class:`~vi_flows.CompileError` where tracing or compiling fails.
     """
 
@@ -37,8 +37,10 @@ class CompiledAdamStep:
         update = _adam_update(loss_graph, len(params), *group["betas"], group["eps"], clip_norm)
         with torch.no_grad():
             inputs = self._inputs()
+            # Tracing and the first call run the step: on copies, as the step updates its inputs.
+            copies = [tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs]
         try:
-            graph = make_fx(update)(*inputs)
+            graph = make_fx(update)(*copies)
         except Exception as failure:  # tracing raises many types; eager mode still works
             raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
         try:
@@ -46,7 +48,7 @@ class CompiledAdamStep:
             with warnings.catch_warnings(), torch.no_grad():
                 # The compiler's own deprecation notices say nothing about the user's model.
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-                self._graph(*inputs)  # torch.compile compiles at the first call
+                self._graph(*copies)  # torch.compile compiles at the first call
         except Exception as failure:  # the compilers raise many types; eager mode still works
             raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
 
@@ -60,10 +62,7 @@ class CompiledAdamStep:
     @torch.no_grad()
     def __call__(self, lr):
         self._lr.fill_(lr)
-        inputs = self._inputs()
-        loss, *updated = self._graph(*inputs)
-        count = len(self.params)
-        torch._foreach_copy_(list(inputs[: 3 * count]), updated)
+        loss = self._graph(*self._inputs())
         torch._foreach_add_([self.optimizer.state[param]["step"] for param in self.params], 1.0)
         return loss.item()
 
@@ -80,7 +79,7 @@ def _adam_state(optimizer, param):
 
 def _adam_update(loss_graph, count, beta1, beta2, eps, clip_norm):
     """The function of (params, first moments, second moments, step count, lr) that returns the loss
-    and the updated params and moments, with torch.optim.Adam's arithmetic."""
+    and updates params and moments in place, with torch.optim.Adam's arithmetic."""
 
     def update(*inputs):
         params, averages, squares = inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count]
@@ -90,14 +89,12 @@ def _adam_update(loss_graph, count, beta1, beta2, eps, clip_norm):
             gradients = torch.autograd.grad(loss, params)
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
-        new_params, new_averages, new_squares = [], [], []
-        for param, gradient, average, square in zip(params, gradients, averages, squares):
-            gradient = gradient.clamp(-clip_norm, clip_norm)
-            average = average.lerp(gradient, 1 - beta1)
-            square = square * beta2 + gradient * gradient * (1 - beta2)
-            new_params.append(param.detach() - step_size * average / (square.sqrt() / root_correction + eps))
-            new_averages.append(average)
-            new_squares.append(square)
-        return (loss.detach(), *new_params, *new_averages, *new_squares)
+        with torch.no_grad():  # in place: the compiled graph writes the new values into its inputs
+            for param, gradient, average, square in zip(params, gradients, averages, squares):
+                gradient = gradient.clamp(-clip_norm, clip_norm)
+                average.lerp_(gradient, 1 - beta1)
+                square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                param.sub_(step_size * average / (square.sqrt() / root_correction + eps))
+        return loss.detach()
 
     return update
