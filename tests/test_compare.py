@@ -161,6 +161,28 @@ def test_nuts_reference_reports_convergence_and_is_cached(tmp_path):
     assert not other["cached"]
 
 
+def test_nuts_reference_chooses_its_threads_and_restores_the_callers(tmp_path, monkeypatch):
+    import torch
+
+    from vi_flows import reference
+
+    timed, seen = [], []
+    monkeypatch.setattr(reference, "fastest_threads", lambda step: timed.append(step()) or 1)
+    original_mcmc = reference.MCMC
+
+    def spying_mcmc(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original_mcmc(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "MCMC", spying_mcmc)
+    callers = torch.get_num_threads()
+    model = _two_d_normal(0.0)
+    _, report = reference.nuts_reference(model, num_samples=20, warmup_steps=20, quiet=True, cache_dir=tmp_path)
+    assert timed and report["num_threads"] == 1 and seen == [1, 1] and torch.get_num_threads() == callers
+    _, report = reference.nuts_reference(model, num_samples=20, warmup_steps=20, quiet=True, cache_dir=tmp_path / "b", threads=2)
+    assert report["num_threads"] == 2 and seen[-1] == 2 and torch.get_num_threads() == callers
+
+
 def test_nuts_reference_warns_when_it_did_not_converge(tmp_path):
     from vi_flows.reference import nuts_reference
 

@@ -71,7 +71,7 @@ def _adam_state(optimizer, param):
     """``param``'s Adam state, created as ``torch.optim.Adam`` creates it at its first step."""
     state = optimizer.state[param]
     if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)  # as fused Adam keeps it
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
     return state

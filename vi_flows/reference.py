@@ -13,7 +13,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
+from pyro.infer.mcmc.util import initialize_model
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
+
+from .threads import fastest_threads, intra_op_threads
 
 
 def default_cache_dir():
@@ -43,7 +46,7 @@ def cache_key(model, args, kwargs, settings):
 
 
 def nuts_reference(
-    model, *args, num_chains=2, num_samples=1000, warmup_steps=1000, seed=0, cache_dir=None, quiet=False, **kwargs
+    model, *args, num_chains=2, num_samples=1000, warmup_steps=1000, seed=0, cache_dir=None, quiet=False, threads="auto", **kwargs
 ):
     """Posterior draws ``{site: (num_chains * num_samples, *site_shape)}`` from Pyro's NUTS, chain
     after chain, with a report.
@@ -53,7 +56,9 @@ def nuts_reference(
     ``~/.cache/vi-flows``), keyed by :func:`cache_key`. Returns ``(draws, report)``; ``report`` has
     ``num_chains``, the worst R-hat and the smallest bulk ESS over all parameters (ArviZ),
     ``converged`` (R-hat < 1.05, ESS > 100), ``seconds`` and ``cached``; a reference that did not
-    converge is returned all the same, with a warning.
+    converge is returned all the same, with a warning. ``threads`` is the intra-op threads the chains
+    run on: ``"auto"`` keeps one unless all are 1.2x faster at the model's log density and gradient
+    (:func:`~vi_flows.threads.fastest_threads`), as ``fit`` chooses; the caller's setting is restored.
     """
     settings = (num_chains, num_samples, warmup_steps, seed)
     path = Path(cache_dir or default_cache_dir()) / f"nuts-{cache_key(model, args, kwargs, settings)}.pt"
@@ -62,13 +67,16 @@ def nuts_reference(
         return draws, {**report, "cached": True}
     chains = []
     start = time.perf_counter()
-    for chain in range(num_chains):
-        pyro.set_rng_seed(seed + chain)
-        mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
-        mcmc.run(*args, **kwargs)
-        chains.append(mcmc.get_samples())
+    num_threads = _threads(threads, model, args, kwargs)
+    with intra_op_threads(num_threads):
+        for chain in range(num_chains):
+            pyro.set_rng_seed(seed + chain)
+            mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=quiet)
+            mcmc.run(*args, **kwargs)
+            chains.append(mcmc.get_samples())
     by_chain = {name: torch.stack([chain[name] for chain in chains]) for name in chains[0]}
-    report = {"seconds": time.perf_counter() - start, "num_chains": num_chains, **_convergence(by_chain), "cached": False}
+    report = {"seconds": time.perf_counter() - start, "num_chains": num_chains, "num_threads": num_threads}
+    report.update(_convergence(by_chain), cached=False)
     if not report["converged"]:
         warnings.warn(
             f"the NUTS reference may not have converged (worst R-hat {report['worst_rhat']:.3f}, smallest bulk ESS "
@@ -78,6 +86,22 @@ def nuts_reference(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save((draws, report), path)
     return draws, report
+
+
+def _threads(threads, model, args, kwargs):
+    """``threads``, or with "auto" the faster of one and all at what NUTS repeats: the potential energy
+    and its gradient, at a draw from the prior."""
+    if threads != "auto":
+        return int(threads)
+    with torch.random.fork_rng():  # a seeded reference draws what it would have
+        params, potential_fn, _, _ = initialize_model(model, model_args=args, model_kwargs=kwargs)
+        params = {name: value.detach().requires_grad_() for name, value in params.items()}
+
+        def potential_and_gradient():
+            torch.autograd.grad(potential_fn(params), list(params.values()))
+
+        with pyro.validation_enabled(False):
+            return fastest_threads(potential_and_gradient)
 
 
 def _convergence(by_chain):
