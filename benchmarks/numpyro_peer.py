@@ -87,13 +87,9 @@ NUMPYRO_GRID_GUIDES = {
 # NumPyro's settings for the time to KL 0.05 (guide, learning rate, particles): the best on the
 # funnel and on the banana of ``grid`` (none reached KL 0.05 in 10000 steps; RESULTS.md).
 NUMPYRO_KL_GUIDES = {
-    "IAF(2), 3e-3, 64": (lambda model: numpyro_autoguide.AutoIAFNormal(model, num_flows=2), 3e-3, 64),
-    "BNAF(1), 3e-3, 64": (numpyro_autoguide.AutoBNAFNormal, 3e-3, 64),
-    "BNAF(2, [16, 16]), 1e-2, 64": (
-        lambda model: numpyro_autoguide.AutoBNAFNormal(model, num_flows=2, hidden_factors=[16, 16]),
-        1e-2,
-        64,
-    ),
+    "IAF(2), 3e-3, 64": (NUMPYRO_GRID_GUIDES["IAF(2)"], 3e-3, 64),
+    "BNAF(1), 3e-3, 64": (NUMPYRO_GRID_GUIDES["BNAF(1)"], 3e-3, 64),
+    "BNAF(2, [16, 16]), 1e-2, 64": (NUMPYRO_GRID_GUIDES["BNAF(2, [16, 16])"], 1e-2, 64),
 }
 TARGETS = {"funnel": (pyro_funnel(10), numpyro_funnel(10)), "banana": (pyro_banana, numpyro_banana)}
 
@@ -104,7 +100,8 @@ def _our_step(model, make_guide, num_particles, seed=0, sticking_the_landing="au
     pyro.set_rng_seed(seed)
     guide = make_guide(model)
     nesting = max_plate_nesting(model, guide)
-    return ELBOStep(model, guide, num_particles=num_particles, max_plate_nesting=nesting, compile=True, threads="auto", sticking_the_landing=sticking_the_landing), guide
+    options = dict(compile=True, threads="auto", sticking_the_landing=sticking_the_landing)
+    return ELBOStep(model, guide, num_particles=num_particles, max_plate_nesting=nesting, **options), guide
 
 
 def our_ms_per_step(model, make_guide, num_particles, steps, sticking_the_landing):
@@ -140,8 +137,9 @@ def step_table(dims=(10, 100), particle_counts=(1, 16, 64), steps=300):
     for dim in dims:
         for num_particles in particle_counts:
             for name, (ours, theirs) in STEP_GUIDES.items():
-                our_ms, threads, _ = our_ms_per_step(pyro_funnel(dim), ours, num_particles, steps, sticking_the_landing=False)
-                default_ms, _, compile_seconds = our_ms_per_step(pyro_funnel(dim), ours, num_particles, steps, sticking_the_landing="auto")
+                model = pyro_funnel(dim)
+                our_ms, threads, _ = our_ms_per_step(model, ours, num_particles, steps, sticking_the_landing=False)
+                default_ms, _, compile_seconds = our_ms_per_step(model, ours, num_particles, steps, sticking_the_landing="auto")
                 their_ms = their_ms_per_step(numpyro_funnel(dim), theirs, num_particles, steps)
                 print(
                     f"{dim:>4} {num_particles:>9} {name:<26} {our_ms:>7.3f} {default_ms:>7.3f} {their_ms:>7.3f} "

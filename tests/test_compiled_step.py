@@ -87,7 +87,8 @@ def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticki
         step.optimizer.state.clear()
         take = step
         if one_graph:
-            take = CompiledAdamStep(_traced(module, guide, step, sticking_the_landing), step.params, step.optimizer, 0.5, backend=None)
+            graph = _traced(module, guide, step, sticking_the_landing)
+            take = CompiledAdamStep(graph, step.params, step.optimizer, 0.5, backend=None)
         losses = []
         for index in range(3):
             pyro.set_rng_seed(10 + index)
