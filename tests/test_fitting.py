@@ -100,9 +100,9 @@ def test_default_fit_recovers_exact_posterior_moments(target, default_fit):
 
     The regression's coefficient sds span 1e-4 to 0.1; a fixed-rate loop on Pyro's full-rank guide
     misses its means by several sds (``python benchmarks/bench.py fit``). The banana's x2 sd, a fourth
-    moment of x1, ends 0.80-0.94 of the truth over seeds 0-15 (0.88 at seed 0; ``python
-    benchmarks/bench.py choose``, RESULTS.md): reverse-KL fits keep light tails, and the flow ends in
-    optima of KL 0.003-0.017 by seed, 8 of 16 beyond 10% in this sd.
+    moment of x1, ended 0.80-0.94 of the truth over seeds 0-15 (``python benchmarks/bench.py choose``
+    at b8b79d7, RESULTS.md): reverse-KL fits keep light tails, and the flow ends in optima of KL
+    0.003-0.017 by seed, 8 of 16 beyond 10% in this sd.
     The centred funnel's x sds are set by its tails (84% of Var(x_i) comes from y > 6, 2.3% of the
     mass): AutoFlow's non-centring gives each x_i the scale exp(y / 2) there too; without it the
     default flow ends 0.62-0.66 of the truth. Its sds need ``MOMENT_DRAWS`` = 10^7 draws: the worst
