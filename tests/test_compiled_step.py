@@ -107,7 +107,7 @@ def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticki
 
 def test_compiled_step_loss_and_gradient_have_the_eager_means():
     """The compiled graph draws its own random numbers: compare means over many draws. With the
-    learning rate 0 and Adam's state cleared before each call, a step leaves the parameters where
+    learning rate 0 and Adam's state zeroed before each call, a step leaves the parameters where
     they are and its first moment is (1 - beta1) times the gradient."""
     module = load_model("banana")
     guide, _, step = _eager_step(module, num_particles=16)
@@ -118,7 +118,9 @@ def test_compiled_step_loss_and_gradient_have_the_eager_means():
     for _ in range(400):
         value = step.loss()
         samples[0].append(torch.cat([value.detach().reshape(1), torch.autograd.grad(value, guide.loc)[0]]))
-        step.optimizer.state.clear()
+        with torch.no_grad():
+            for state in step.optimizer.state.values():
+                torch._foreach_zero_([state["step"], state["exp_avg"], state["exp_avg_sq"]])
         value = compiled(0.0)
         samples[1].append(torch.cat([torch.tensor([value]), loc_state()["exp_avg"] / 0.1]))
     assert all(torch.equal(param, first) for param, first in zip(step.params, start))
@@ -131,9 +133,10 @@ def test_a_compiled_fit_rolls_back_through_the_optimisers_saved_state(monkeypatc
     """The guard restores Adam's state with ``load_state_dict``, which puts new tensors in it: the
     compiled step must go on updating those."""
     original = ELBOStep.__call__
-    calls = []
+    calls, steps = [], []
 
     def kicked(self, lr):
+        steps[:] = [self]
         if len(calls) == 400:
             with torch.no_grad():
                 for param in self.params:
@@ -150,6 +153,11 @@ def test_a_compiled_fit_rolls_back_through_the_optimisers_saved_state(monkeypatc
     guide = AutoFlow(model, flow="planar*2", init="laplace")
     result = fit(model, guide, num_steps=800, progress=False, seed=0, compile=True)
     assert result.compiled and len(result.rollbacks) == 1
+    # A step after the rollback moves the moments the optimiser holds now, not those it held before.
+    (step,) = steps
+    before = [state["exp_avg"].clone() for state in step.optimizer.state.values()]
+    original(step, 1e-3)
+    assert all(not torch.equal(old, state["exp_avg"]) for old, state in zip(before, step.optimizer.state.values()))
     draws = guide.sample_constrained(20000)["x"]
     assert ((draws.mean(0) - torch.tensor([1.0, -2.0])).abs() / torch.tensor([0.5, 2.0])).max() < 0.05
     assert ((draws.std(0) / torch.tensor([0.5, 2.0])) - 1).abs().max() < 0.05

@@ -36,7 +36,9 @@ class CompiledAdamStep:
         self._lr = torch.zeros((), dtype=torch.float64)
         update = _adam_update(loss_graph, len(params), *group["betas"], group["eps"], clip_norm)
         with torch.no_grad():
-            inputs = self._inputs()
+            for param in params:
+                _init_adam_state(optimizer, param)
+            _, inputs = self._inputs()
             # Tracing and the first call run the step: on copies, as the step updates its inputs.
             copies = [tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs]
         try:
@@ -53,28 +55,29 @@ class CompiledAdamStep:
             raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
 
     def _inputs(self):
-        # Read at every step: restoring a state_dict puts new tensors in the optimiser's state.
-        states = [_adam_state(self.optimizer, param) for param in self.params]
+        """The optimiser's per-parameter states and the graph's inputs. Read at every step: restoring
+        a state_dict puts new tensors in the optimiser's state."""
+        states = [self.optimizer.state[param] for param in self.params]
         averages = [state["exp_avg"] for state in states]
         squares = [state["exp_avg_sq"] for state in states]
-        return (*self.params, *averages, *squares, states[0]["step"], self._lr)
+        return states, (*self.params, *averages, *squares, states[0]["step"], self._lr)
 
     @torch.no_grad()
     def __call__(self, lr):
         self._lr.fill_(lr)
-        loss = self._graph(*self._inputs())
-        torch._foreach_add_([self.optimizer.state[param]["step"] for param in self.params], 1.0)
+        states, inputs = self._inputs()
+        loss = self._graph(*inputs)
+        torch._foreach_add_([state["step"] for state in states], 1.0)
         return loss.item()
 
 
-def _adam_state(optimizer, param):
-    """``param``'s Adam state, created as ``torch.optim.Adam`` creates it at its first step."""
+def _init_adam_state(optimizer, param):
+    """Create ``param``'s Adam state, where it has none, as ``torch.optim.Adam`` creates it at its first step."""
     state = optimizer.state[param]
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)  # as fused Adam keeps it
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    return state
 
 
 def _adam_update(loss_graph, count, beta1, beta2, eps, clip_norm):

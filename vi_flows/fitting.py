@@ -15,9 +15,10 @@ from .guard import DivergenceGuard
 from .schedule import LearningRate, PlateauRule
 from .threads import intra_op_threads
 
-# compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: compiling
-# takes 5-18 s the first time (about 1 s from PyTorch's cache) and saves 2-9 ms per step
-# (python benchmarks/bench.py speed), so such a run repays it.
+# compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: a compiled step
+# saves 2-9 ms against an eager one (python benchmarks/bench.py speed); compiling the default flow's
+# step takes 0.3-11 s from PyTorch's cache and up to about a minute with an empty one (RESULTS.md,
+# "Against NumPyro"), so such a run repays it when the cache is warm.
 COMPILE_MIN_STEPS = 2000
 
 
@@ -93,7 +94,8 @@ def fit(
 
     ``compile``: with ``True`` the loss is traced into one graph and compiled with
     ``torch.compile`` with its gradient and update (see :mod:`~vi_flows.compiled_step`): a step then
-    costs 0.15-0.5x an eager one, after 5-35 s of compiling (less from PyTorch's cache). This
+    costs 0.15-0.5x an eager one, after seconds of compiling (the default flow on the 10-D funnel:
+    10.6 s from PyTorch's cache, 58 s with an empty one). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
