@@ -1,8 +1,9 @@
-"""How many intra-op threads a fit's steps run on, chosen by timing them.
+"""How many intra-op threads a fit's steps (or a NUTS reference's chains) run on, chosen by timing them.
 
 At the zoo's sizes a step gains little from a second thread and loses 5-30x when another process
 holds a core (RESULTS.md, "Threads on a shared machine"); a large model's step gains from every
-core. ``fit`` times a few steps each way and keeps the faster, restoring the caller's setting after.
+core. ``fit`` and :func:`~vi_flows.reference.nuts_reference` time a few steps each way and keep the
+faster, restoring the caller's setting after.
 """
 
 import contextlib
