@@ -59,6 +59,14 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     )
     posterior, log_likelihood, observed, dims, plate_sizes = {}, {}, {}, {}, {}
     posterior_shapes = {name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+    local = getattr(guide, "locals", None)
+    if local is not None:
+        if local.subsampled:
+            raise NotImplementedError(
+                f"to_inference_data runs model and guide once on all the data; plate {', '.join(local.subsampled)} is "
+                "subsampled. Export from a model without subsampling (the same guide reads it)."
+            )
+        posterior_shapes.update(local.full_shapes)
     # Deterministic sites are functions of the latents: they join the posterior, with their shapes
     # from one model run on one guide draw (the guide's prototype leaves them out, as observed).
     single_run = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*args, **kwargs)))

@@ -18,10 +18,14 @@ def sample_constrained(guide, num_samples, *args, **kwargs):
     latent = guide.get_posterior(*args, **kwargs).sample((num_samples,))
     # Pyro unpacks draws that sit left of every plate dimension.
     latent = latent.reshape((num_samples,) + (1,) * plate_depth(guide) + latent.shape[-1:])
-    return {
+    values = {
         site["name"]: biject_to(site["fn"].support)(unconstrained).reshape((num_samples,) + site["value"].shape)
         for site, unconstrained in unpack_latent(guide, latent)
     }
+    local = getattr(guide, "locals", None)
+    if local is not None:  # given the globals' draws, over all items
+        values.update(local.draw(values, lambda name, draws: draws, *args, **kwargs))
+    return values
 
 
 @torch.no_grad()
@@ -59,7 +63,11 @@ def log_density_at(guide, draws, *args, **kwargs):
     that misses a region of the posterior scores the draws from there badly.
     """
     setup(guide, *args, **kwargs)
-    parts, log_jacobian = [], 0.0
+    parts, log_jacobian, local_log_q = [], 0.0, 0.0
+    local = getattr(guide, "locals", None)
+    if local is not None:  # q(globals) q(locals | globals): the locals' part at the globals given
+        global_draws = {name: draws[name] for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+        local_log_q = local.log_prob(global_draws, draws, *args, **kwargs)
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         value = draws[name]
         to_unconstrained = biject_to(site["fn"].support).inv
@@ -67,7 +75,7 @@ def log_density_at(guide, draws, *args, **kwargs):
         log_jacobian = log_jacobian + to_unconstrained.log_abs_det_jacobian(value, unconstrained).reshape(len(value), -1).sum(-1)
         parts.append(unconstrained.reshape(len(value), -1))
     packed = torch.cat(parts, -1)
-    return guide.get_posterior(*args, **kwargs).log_prob(packed) + log_jacobian
+    return guide.get_posterior(*args, **kwargs).log_prob(packed) + log_jacobian + local_log_q
 
 
 # quantiles() takes this many draws, with a fixed seed so that they are the same on every call.
@@ -90,7 +98,29 @@ def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
     levels = torch.as_tensor(levels, dtype=latent.dtype, device=latent.device)
     per_coordinate = torch.quantile(latent, levels, dim=0)
     per_coordinate = per_coordinate.reshape((len(levels),) + (1,) * plate_depth(guide) + latent.shape[-1:])
-    return {
+    values = {
         site["name"]: biject_to(site["fn"].support)(value).reshape((len(levels),) + site["value"].shape)
         for site, value in unpack_latent(guide, per_coordinate)
     }
+    local = getattr(guide, "locals", None)
+    if local is not None:
+        values.update(_local_quantiles(guide, local, latent, levels, seed, *args, **kwargs))
+    return values
+
+
+def _local_quantiles(guide, local, latent, levels, seed, *args, **kwargs):
+    """Quantiles of each local coordinate over its draws given the globals' ``latent`` draws, taken in
+    unconstrained space and mapped back, as for the globals."""
+    latent = latent.reshape((len(latent),) + (1,) * plate_depth(guide) + latent.shape[-1:])
+    global_draws = {
+        site["name"]: biject_to(site["fn"].support)(value).reshape((len(latent),) + site["value"].shape)
+        for site, value in unpack_latent(guide, latent)
+    }
+
+    def reduce(name, draws):  # per coordinate in unconstrained space, so each quantile is in the support
+        transform = biject_to(local.supports[name])
+        return transform(torch.quantile(transform.inv(draws), levels, dim=0))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        return local.draw(global_draws, reduce, *args, **kwargs)

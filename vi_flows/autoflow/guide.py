@@ -1,6 +1,7 @@
 """``AutoFlow``: a registered flow as the posterior of any Pyro model."""
 
 import functools
+import warnings
 
 import pyro.distributions as dist
 import torch
@@ -9,6 +10,7 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import LowerCholeskyAffine
 from pyro.distributions.util import eye_like
 from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import nn
@@ -19,14 +21,20 @@ from .. import draws
 from ..registry import build_flow, check_flow_options
 from .base import BASES
 from .initialization import INITS, InitWithFallback, start
+from .local import LocalPosterior
 from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
-from .sites import check_latent_sites
+from .sites import check_latent_sites, local_sites, subsampled_plates
 
 # Chosen by measurement with the default fit on the zoo's exact models (RESULTS.md, "Choosing a flow"):
 # planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
 # rather than two keep the banana's sd within 10% on every seed measured.
 DEFAULT_FLOW = "planar*8+iaf*4"
+LOCAL_MODES = ("auto", "per-item", "none")
+# local="auto" gives local sites their own posteriors from this many local coordinates on (or where a
+# plate is subsampled). The global flow fits hierarchical_100 (100 local coordinates) within the zoo
+# tests' tolerances; at 1000 its default fit diverged and at 10^4 it ran out of memory (issue 19).
+LOCAL_MIN_DIM = 200
 
 
 class AutoFlow(AutoContinuous):
@@ -71,6 +79,14 @@ class AutoFlow(AutoContinuous):
         coordinates, while the guide still emits the model's own sites. Each child is non-centred by
         the prior's share of its curvature: fully where no data touch it, hardly where data pin it
         down. Models without such latents are unaffected.
+    :param str local: the latents of plates that hold data or are subsampled
+        (:func:`~vi_flows.autoflow.sites.local_sites`): with ``"per-item"`` each item gets its own
+        Gaussian posterior, conditioned on the globals drawn in the same particle
+        (:class:`~vi_flows.autoflow.local.LocalPosterior`), and the flow covers the global latents
+        only (started at the prior point: a Laplace fit would need the locals); with ``"none"`` the
+        flow covers every latent, and a subsampled plate of latents is an error; ``"auto"``
+        (default) is ``"per-item"`` where a plate of latents is subsampled or the local latents have
+        ``LOCAL_MIN_DIM`` = 200 coordinates or more, else ``"none"``. ``local_sites`` names them.
     :param str name: the prefix of the guide's names in Pyro's param store; two guides of one name
         in one store read the same parameters (a clear error where their shapes differ).
     :param flow_options: passed to :func:`vi_flows.build_flow`, checked against the flows' own.
@@ -93,6 +109,7 @@ class AutoFlow(AutoContinuous):
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
         non_centring: bool = True,
+        local: str = "auto",
         name: str = "AutoFlow",
         **flow_options,
     ):
@@ -100,6 +117,8 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"base must be one of {', '.join(map(repr, BASES))}, got {base!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+        if local not in LOCAL_MODES:
+            raise ValueError(f"local must be one of {', '.join(map(repr, LOCAL_MODES))}, got {local!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         check_flow_options(flow, flow_options, owner="AutoFlow")
@@ -108,6 +127,7 @@ class AutoFlow(AutoContinuous):
         self._use_non_centring = bool(non_centring)
         self._flow_options = flow_options
         self.init_used = None  # "prior" or "laplace", once the guide has been set up
+        self.local_mode, self.local_sites, self._user_model = local, (), (model,)
         super().__init__(model, init_loc_fn=InitWithFallback(init_loc_fn))
         pyro_internals.name_module(self, name)
         self.non_centring = None  # a PartialNonCentring, once set up, for a model with scale parents
@@ -117,6 +137,13 @@ class AutoFlow(AutoContinuous):
         return pyro_internals.setup(self, *args, **kwargs)
 
     def _setup_prototype(self, *args, **kwargs):
+        trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
+        self.local_sites = self._choose_local_sites(trace)
+        if self.local_sites:
+            self._prototype_hide_fn = functools.partial(_hide_sites, frozenset(self.local_sites))
+            if self.init == "laplace":
+                warnings.warn(f"init='laplace' needs every latent in one vector; local sites {list(self.local_sites)} start at the prior point")
+            self.init = "prior"
         try:
             super()._setup_prototype(*args, **kwargs)
         except Exception:
@@ -134,10 +161,35 @@ class AutoFlow(AutoContinuous):
         self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
         if self._use_non_centring:
             self.non_centring = non_centring_of(self, *args, **kwargs)
+        self.locals = LocalPosterior(self._user_model[0], trace, self.local_sites, self._init_scale) if self.local_sites else None
         pyro_internals.check_param_store(self)
         # Runs inside whatever SVI step asked for the first sample: hide it from that trace.
         with poutine.block(), torch.enable_grad():
             self.init_used = start(self, self.init, *args, **kwargs)
+
+    def _choose_local_sites(self, trace):
+        """The local sites to give their own posteriors, as ``local`` says (see the class docstring)."""
+        local = local_sites(trace)
+        if self.local_mode == "none" or not local:
+            return ()
+        if self.local_mode == "auto":
+            size = sum(biject_to(trace.nodes[name]["fn"].support).inv(trace.nodes[name]["value"]).numel() for name in local)
+            if size < LOCAL_MIN_DIM and not subsampled_plates(trace):
+                return ()
+        if len(local) == sum(1 for _ in trace.iter_stochastic_nodes()):
+            raise ValueError(
+                f"every latent site of the model ({', '.join(local)}) is local, in a plate that holds data or is "
+                "subsampled, so AutoFlow has no global latent to put a flow on; the items are independent a "
+                "posteriori: fit them with pyro.infer.autoguide.AutoNormal, or AutoFlow(model, local='none') "
+                "without subsampling."
+            )
+        return tuple(local)
+
+    def forward(self, *args, **kwargs):
+        values = super().forward(*args, **kwargs)
+        if self.locals is not None:
+            values.update(self.locals(values, *args, **kwargs))
+        return values
 
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`
@@ -183,3 +235,8 @@ class AutoFlow(AutoContinuous):
     def median(self, *args, **kwargs):
         """The posterior median of each latent site (see :meth:`quantiles`): ``{site: value}``."""
         return {name: values[0] for name, values in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _hide_sites(names, msg):
+    # The global prototype: Pyro's hidden sites and the local ones.
+    return prototype_hide_fn(msg) or msg["name"] in names

@@ -1,4 +1,6 @@
-"""Which latent sites of a model a single global continuous guide can represent."""
+"""Which latent sites of a model a global continuous guide can represent, and which are local."""
+
+from pyro.poutine.util import site_is_subsample
 
 
 def check_latent_sites(trace):
@@ -18,11 +20,43 @@ def check_latent_sites(trace):
                 "with pyro.infer.autoguide.AutoGuideList; see https://pyro.ai/examples/enumeration.html"
             )
         for frame in site["cond_indep_stack"]:
-            if frame.vectorized and frame.full_size is not None and frame.size != frame.full_size:
+            if _is_subsampled(frame):
                 raise ValueError(
                     f"latent site {name!r} lies in plate {frame.name!r}, subsampled to {frame.size} of "
                     f"{frame.full_size}; a global guide would learn one value per subsample slot, not one per "
-                    "data point, and silently mix different points' posteriors. Do not subsample plates that "
-                    "hold local latents, or give those latents their own local (amortised) guide through "
-                    "AutoGuideList."
+                    "data point, and silently mix different points' posteriors. Give it a local posterior: "
+                    "AutoFlow(model, local='per-item')."
                 )
+
+
+def local_sites(trace):
+    """The latent sites of a model trace that are local, in the order the model samples them: those in
+    a plate that is subsampled or that also holds an observed site (a ``pyro.factor`` counts), so
+    that each of the plate's items has its own posterior, fitted from its own data. Returns
+    ``{site: plate names}``, the plates that make it local."""
+    data_plates = set()
+    for _, site in _sample_sites(trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and (site["is_observed"] or _is_subsampled(frame)):
+                data_plates.add(frame.name)
+    local = {}
+    for name, site in _sample_sites(trace):
+        plates = tuple(frame.name for frame in site["cond_indep_stack"] if frame.name in data_plates)
+        if not site["is_observed"] and plates:
+            local[name] = plates
+    return local
+
+
+def subsampled_plates(trace):
+    """``{plate name: frame}`` of the plates of ``trace`` that are subsampled."""
+    return {
+        frame.name: frame for _, site in _sample_sites(trace) for frame in site["cond_indep_stack"] if _is_subsampled(frame)
+    }
+
+
+def _sample_sites(trace):
+    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]
+
+
+def _is_subsampled(frame):
+    return frame.vectorized and frame.full_size is not None and frame.size != frame.full_size

@@ -1,0 +1,198 @@
+r"""Local latents: one Gaussian posterior per item of a plate, following the globals through the prior.
+
+A latent site is local when its plate holds data or is subsampled (:func:`~vi_flows.autoflow.sites.local_sites`):
+each item :math:`i` then has its own posterior. Where the site's prior given the values sampled
+before it is Gaussian in unconstrained space, :math:`N(m(\theta), s(\theta)^2)` (a ``Normal``, a
+``LogNormal``, through ``expand``, ``to_event`` or a mask), item :math:`i`'s posterior is that
+prior times a learned Gaussian pseudo-observation :math:`N(a_i, \beta_i^{-1})`:
+
+.. math:: q(z_i \mid \theta) = N\!\left(\frac{m/s^2 + \beta_i a_i}{1/s^2 + \beta_i},\; \frac{1}{1/s^2 + \beta_i}\right),
+
+exact where each item's likelihood is Gaussian in :math:`z_i` (a conjugate hierarchy), the Gaussian
+potentials of structured VAEs (Johnson et al., NeurIPS 2016) otherwise. It keeps the dependence of
+:math:`z_i` on the globals drawn in the same particle, which makes a centred hierarchy a funnel
+(the structured family of Agrawal & Domke, NeurIPS 2021), at two parameters per coordinate. Where
+the prior is not Gaussian in unconstrained space, :math:`q(z_i) = N(a_i, \beta_i^{-1})` (mean-field, with
+a warning naming the site).
+
+The parameters are full-size tables with Pyro's ``event_dim``, so a subsampled plate reads the rows of
+its subsample, and one step costs O(subsample), not O(items), in the model and guide.
+"""
+
+import warnings
+from operator import attrgetter
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
+from pyro.ops.tensor_utils import periodic_repeat
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+
+from .sites import subsampled_plates
+
+_WRAPPERS = (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
+
+
+def gaussian_prior(prior):
+    """``(loc, scale)`` of ``prior`` in its unconstrained space, broadcast to its shape, where it is
+    Gaussian there (``Normal``, ``LogNormal``, under ``expand``, ``to_event``, ``mask``); else None."""
+    fn = prior
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    if isinstance(fn, dist.LogNormal):
+        fn = fn.base_dist
+    elif not isinstance(fn, dist.Normal):
+        return None
+    shape = prior.shape()
+    return fn.loc.expand(shape), fn.scale.expand(shape)
+
+
+class LocalPosterior(PyroModule):
+    """The local sites' posteriors (see the module's docstring): ``locs`` :math:`a` and
+    ``precisions`` :math:`\\beta` per site, each a table over the sites' full plates.
+
+    Called with the globals' values (one dict, drawn by the global guide, any particle dimensions
+    leading), it runs the model with those values and, at each local site, samples from the
+    conditional posterior there; only the local sites and the plates' subsample sites reach the
+    enclosing trace. Returns ``{local site: value}``.
+
+    :param model: the model, as the user wrote it.
+    :param trace: a trace of the model at the initial point (its local sites' values start :math:`a`).
+    :param names: the local sites.
+    :param float init_scale: the posterior's initial sd bound, :math:`\\beta = 1/\\text{init\\_scale}^2`.
+    """
+
+    def __init__(self, model, trace, names, init_scale):
+        super().__init__()
+        self._model = (model,)  # not a submodule: the model's parameters are the model's
+        self.names = tuple(names)
+        self.mean_field = []
+        self.supports = {name: trace.nodes[name]["fn"].support for name in self.names}
+        self.event_dims = {name: trace.nodes[name]["fn"].event_dim for name in self.names}
+        self.full_shapes = {name: _full_size(trace.nodes[name]).shape for name in self.names}
+        self.plate_depth = max((-frame.dim for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ())), default=0)
+        self.subsampled = subsampled_plates(trace)
+        for name in self.names:
+            site = trace.nodes[name]
+            if gaussian_prior(site["fn"]) is None:
+                self.mean_field.append(name)
+            loc = _full_size(site)
+            precision = torch.full_like(loc, init_scale**-2)
+            event_dim = site["fn"].event_dim
+            deep_setattr(self, "locs." + name, PyroParam(loc, event_dim=event_dim))
+            deep_setattr(self, "precisions." + name, PyroParam(precision, constraints.positive, event_dim=event_dim))
+        if self.mean_field:
+            warnings.warn(
+                f"local sites {self.mean_field} have priors that are not Gaussian in unconstrained space, so their "
+                "posteriors do not follow the globals: each item is fitted mean-field (independent of the globals)."
+            )
+
+    def conditional(self, name, prior):
+        """Item-wise posterior of local site ``name`` given the values its ``prior`` was built from."""
+        loc, precision = attrgetter(name)(self.locs), attrgetter(name)(self.precisions)
+        gaussian = gaussian_prior(prior)
+        if gaussian is not None:
+            prior_loc, prior_scale = gaussian
+            prior_precision = prior_scale.pow(-2)
+            precision = prior_precision + precision
+            loc = (prior_precision * prior_loc + (precision - prior_precision) * loc) / precision
+        transform = biject_to(prior.support)
+        base = dist.Normal(loc, precision.rsqrt()).to_event(transform.domain.event_dim)
+        return dist.TransformedDistribution(base, transform.with_cache())
+
+    def forward(self, global_values, *args, **kwargs):
+        return {name: site["value"] for name, site in self._run(global_values, {}, *args, **kwargs).items()}
+
+    def _run(self, global_values, local_values, *args, **kwargs):
+        """The local sites of one model run with the globals (and any ``local_values``) given."""
+        local = set(self.names)
+
+        def hidden(msg):
+            return msg["type"] == "sample" and not site_is_subsample(msg) and msg["name"] not in local
+
+        with poutine.block(hide_fn=hidden), poutine.trace() as capture, _LocalSampler(self, global_values, local_values):
+            self._model[0](*args, **kwargs)
+        return {name: capture.trace.nodes[name] for name in self.names}
+
+    @torch.no_grad()
+    def log_prob(self, global_draws, local_draws, *args, **kwargs):
+        """The local sites' log density under the guide at given draws (``{site: (S, *site_shape)}``,
+        globals and locals), one per draw, for a model without subsampled plates."""
+        if self.subsampled:
+            raise NotImplementedError(
+                f"the guide's density at given local values over every item of the subsampled plate "
+                f"{', '.join(self.subsampled)}; score a model without subsampling (the same guide reads it)"
+            )
+        num_draws = len(next(iter(global_draws.values())))
+        shape = (num_draws,) + (1,) * self.plate_depth
+        global_values = {name: value.reshape(shape + value.shape[1:]) for name, value in global_draws.items()}
+        local_values = {name: local_draws[name].reshape(shape[:1] + self.full_shapes[name]) for name in self.names}
+        with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
+            sites = self._run(global_values, local_values, *args, **kwargs)
+        return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites.values())
+
+
+    @torch.no_grad()
+    def draw(self, global_draws, reduce, *args, **kwargs):
+        """``{local site: reduce(draws)}`` over all items, where ``global_draws`` are the globals' draws
+        (``{site: (S, *site_shape)}``) and ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws
+        given them to a tensor of any leading size (the identity, or quantiles over the draws). A subsampled plate
+        is run a subsample at a time, so memory follows the subsample, not the items."""
+        if len(self.subsampled) > 1:
+            raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(self.subsampled)}) at once")
+        num_draws = len(next(iter(global_draws.values())))
+        # Draws sit left of every plate of the model.
+        values = {name: value.reshape((num_draws,) + (1,) * self.plate_depth + value.shape[1:]) for name, value in global_draws.items()}
+        with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
+            if not self.subsampled:
+                return {name: reduce(name, value.reshape((num_draws,) + self.full_shapes[name])) for name, value in self(values, *args, **kwargs).items()}
+            (plate, frame), = self.subsampled.items()
+            result = {}
+            for start in range(0, frame.full_size, frame.size):
+                indices = torch.arange(start, start + frame.size) % frame.full_size
+                chunk = poutine.condition(self, data={plate: indices})(values, *args, **kwargs)
+                kept = min(frame.size, frame.full_size - start)
+                for name, value in chunk.items():
+                    dim = frame.dim - self.event_dims[name]
+                    value = reduce(name, value.reshape((num_draws,) + self.full_shapes[name][:dim] + (frame.size,) + self.full_shapes[name][dim:][1:]))
+                    if name not in result:
+                        result[name] = value.new_empty(value.shape[:1] + self.full_shapes[name])
+                    result[name].narrow(dim, start, kept).copy_(value.narrow(dim, 0, kept))
+            return result
+
+
+class _LocalSampler(Messenger):
+    """Inside the model: the globals take the given values; local sites sample from their posteriors."""
+
+    def __init__(self, posterior, global_values, local_values):
+        super().__init__()
+        self.posterior, self.global_values, self.local_values = posterior, global_values, local_values
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        name = msg["name"]
+        if name in self.global_values:
+            msg["value"], msg["is_observed"] = self.global_values[name], True
+        elif name in self.posterior.names:
+            msg["fn"] = self.posterior.conditional(name, msg["fn"])
+            if name in self.local_values:
+                msg["value"] = self.local_values[name]
+
+
+@torch.no_grad()
+def _full_size(site):
+    """A site's unconstrained initial value, repeated along each subsampled plate to its full size."""
+    value = biject_to(site["fn"].support).inv(site["value"]).detach()
+    event_dim = site["fn"].event_dim
+    for frame in site["cond_indep_stack"]:
+        full_size = frame.full_size or frame.size
+        if full_size != frame.size:
+            value = periodic_repeat(value, full_size, frame.dim - event_dim).contiguous()
+    return value
