@@ -7,6 +7,7 @@ with the rest of the step (:mod:`vi_flows.compiled_step`) removes the second.
 """
 
 import pyro
+import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -27,6 +28,18 @@ def first_score_function_site(guide, *args, **kwargs):
         if not site["fn"].has_rsample:
             return name
     return None
+
+
+def is_subsampled(guide, *args, **kwargs):
+    """Whether ``guide`` (and so the model, which replays it) reads a subsample of a plate."""
+    with torch.no_grad(), poutine.block(), poutine.trace() as guide_trace:
+        guide(*args, **kwargs)
+    return any(
+        frame.size != frame.full_size
+        for site in guide_trace.trace.nodes.values()
+        for frame in site.get("cond_indep_stack", ())
+        if frame.full_size is not None
+    )
 
 
 def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **kwargs):

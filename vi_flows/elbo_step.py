@@ -9,7 +9,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-from .compiled_elbo import CompileError, first_score_function_site, negative_elbo, trace_negative_elbo
+from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
 from .compiled_step import CompiledAdamStep
 from .particles import choose
 from .pyro_internals import trained_parameters
@@ -46,6 +46,7 @@ class ELBOStep:
         if sticking_the_landing not in (True, False, "auto"):
             raise ValueError(f"sticking_the_landing must be True, False or 'auto', got {sticking_the_landing!r}")
         self.particles = None
+        self.subsampled = is_subsampled(guide, *args, **kwargs)
         if first_score_function_site(guide, *args, **kwargs) is None:
             self.particles = particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
             _warn_unless_broadcast(particles)

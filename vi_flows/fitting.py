@@ -10,6 +10,7 @@ import pyro
 from tqdm import tqdm
 
 from .pyro_internals import max_plate_nesting
+from .averaging import IterateAverage
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
 from .schedule import LearningRate, PlateauRule
@@ -51,6 +52,7 @@ class FitResult:
     compile_failure: str = ""
     rollbacks: list = field(default_factory=list)
     num_threads: int = 0
+    averaged_steps: int = 0
 
 
 def fit(
@@ -113,6 +115,10 @@ def fit(
     ``STICKING_THE_LANDING_MAX_DIM`` = 20 latent dimensions, where its cost per step, the flow's
     Jacobian at every draw, stays within 4.4x the plain step's.
 
+    On a subsampled plate the gradient stays noisy at the optimum: a fit by plateaus then ends at the
+    mean of the iterates taken at its last learning rate (:mod:`~vi_flows.averaging`; the result's
+    ``averaged_steps`` says over how many), not at the last one.
+
     Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
     by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
     rising more than about a nat above that best or a loss turning NaN or infinite, they are put
@@ -144,8 +150,13 @@ def fit(
         learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
         plateaus = PlateauRule(window) if num_steps is None else None
         guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
+        # On subsampled data the last rate's iterates are averaged (vi_flows.averaging).
+        average = IterateAverage(step_once.params) if step_once.subsampled and plateaus is not None else None
         with intra_op_threads(step_once.num_threads):
-            result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar)
+            result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average)
+        if average is not None and result.stop_reason.startswith("converged"):
+            average.apply()
+            result.averaged_steps = average.count
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
@@ -155,9 +166,10 @@ def fit(
     return result
 
 
-def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar):
+def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average=None):
     """Take up to ``budget`` steps, recording losses in ``result``; return why fitting stopped early,
-    or "" if it did not. ``plateaus`` is None for a fixed number of steps."""
+    or "" if it did not. ``plateaus`` is None for a fixed number of steps; ``average``, where given,
+    averages the iterates after the last plateau but one."""
     for step in range(budget):
         guard.save_step()
         # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
@@ -177,6 +189,8 @@ def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_ro
             learning_rate.cut()
             if plateaus.count == num_plateaus:
                 return f"converged: {num_plateaus} plateaus of {plateaus.window} steps"
+        if average is not None and plateaus.count == num_plateaus - 1 and divergence is None:
+            average.update()
     return ""
 
 

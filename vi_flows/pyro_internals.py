@@ -4,6 +4,7 @@ Each function says which private API it wraps and what it returns in public term
 """
 
 import logging
+from operator import attrgetter
 
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -80,6 +81,13 @@ def check_param_store(module):
                 "pyro.clear_param_store() before creating this guide, or give each guide its own name, e.g. "
                 f"AutoFlow(model, name={module._pyro_name + '_2'!r})."
             )
+
+
+def unconstrained_param(module, name):
+    """The unconstrained ``nn.Parameter`` behind the constrained ``PyroParam`` attribute ``name``
+    (dotted for nested containers) of a ``PyroModule``, where Pyro keeps it (``<name>_unconstrained``)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(attrgetter(owner)(module) if owner else module, leaf + "_unconstrained")
 
 
 def _store_key(name):

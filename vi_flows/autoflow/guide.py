@@ -13,6 +13,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 
@@ -22,6 +23,7 @@ from ..registry import build_flow, check_flow_options
 from .base import BASES
 from .initialization import INITS, InitWithFallback, start
 from .local import LocalPosterior
+from .local_initialization import start_locals
 from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
 from .sites import check_latent_sites, local_sites, subsampled_plates
@@ -30,7 +32,7 @@ from .sites import check_latent_sites, local_sites, subsampled_plates
 # planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
 # rather than two keep the banana's sd within 10% on every seed measured.
 DEFAULT_FLOW = "planar*8+iaf*4"
-LOCAL_MODES = ("auto", "per-item", "none")
+LOCAL_MODES = ("auto", "per-item", "amortized", "none")
 # local="auto" gives local sites their own posteriors from this many local coordinates on (or where a
 # plate is subsampled). The global flow fits hierarchical_100 (100 local coordinates) within the zoo
 # tests' tolerances; at 1000 its default fit diverged and at 10^4 it ran out of memory (issue 19).
@@ -82,8 +84,11 @@ class AutoFlow(AutoContinuous):
     :param str local: the latents of plates that hold data or are subsampled
         (:func:`~vi_flows.autoflow.sites.local_sites`): with ``"per-item"`` each item gets its own
         Gaussian posterior, conditioned on the globals drawn in the same particle
-        (:class:`~vi_flows.autoflow.local.LocalPosterior`), and the flow covers the global latents
-        only (started at the prior point: a Laplace fit would need the locals); with ``"none"`` the
+        (:class:`~vi_flows.autoflow.local.LocalPosterior`), started at each item's likelihood,
+        Laplace-approximated (:mod:`~vi_flows.autoflow.local_initialization`), and the flow covers
+        the global latents only (started at the prior point); ``"amortized"`` is
+        the same posterior with each item's parameters computed by a network from the item's data
+        (the observed sites in its plate), not stored per item; with ``"none"`` the
         flow covers every latent, and a subsampled plate of latents is an error; ``"auto"``
         (default) is ``"per-item"`` where a plate of latents is subsampled or the local latents have
         ``LOCAL_MIN_DIM`` = 200 coordinates or more, else ``"none"``. ``local_sites`` names them.
@@ -161,7 +166,12 @@ class AutoFlow(AutoContinuous):
         self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
         if self._use_non_centring:
             self.non_centring = non_centring_of(self, *args, **kwargs)
-        self.locals = LocalPosterior(self._user_model[0], trace, self.local_sites, self._init_scale) if self.local_sites else None
+        self.locals = None
+        if self.local_sites:
+            plates = {name: plates for name, plates in local_sites(trace).items() if name in self.local_sites}
+            mode = "amortized" if self.local_mode == "amortized" else "per-item"
+            self.locals = LocalPosterior(self._user_model[0], trace, plates, mode)
+            start_locals(self, *args, **kwargs)
         pyro_internals.check_param_store(self)
         # Runs inside whatever SVI step asked for the first sample: hide it from that trace.
         with poutine.block(), torch.enable_grad():
@@ -176,7 +186,7 @@ class AutoFlow(AutoContinuous):
             size = sum(biject_to(trace.nodes[name]["fn"].support).inv(trace.nodes[name]["value"]).numel() for name in local)
             if size < LOCAL_MIN_DIM and not subsampled_plates(trace):
                 return ()
-        if len(local) == sum(1 for _ in trace.iter_stochastic_nodes()):
+        if len(local) == sum(1 for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)):
             raise ValueError(
                 f"every latent site of the model ({', '.join(local)}) is local, in a plate that holds data or is "
                 "subsampled, so AutoFlow has no global latent to put a flow on; the items are independent a "

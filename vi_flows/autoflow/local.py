@@ -15,25 +15,23 @@ potentials of structured VAEs (Johnson et al., NeurIPS 2016) otherwise. It keeps
 the prior is not Gaussian in unconstrained space, :math:`q(z_i) = N(a_i, \beta_i^{-1})` (mean-field, with
 a warning naming the site).
 
-The parameters are full-size tables with Pyro's ``event_dim``, so a subsampled plate reads the rows of
-its subsample, and one step costs O(subsample), not O(items), in the model and guide.
+The pseudo-observations come from a table per item or from a network of each item's data
+(:mod:`~vi_flows.autoflow.pseudo_observations`); with a subsampled plate one step reads and
+samples the items of its subsample only.
 """
 
 import warnings
-from operator import attrgetter
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions import constraints
-from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroModule, PyroParam
-from pyro.ops.tensor_utils import periodic_repeat
+from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from .pseudo_observations import Amortized, PerItem, full_size_value, plate_features
 from .sites import subsampled_plates
 
 _WRAPPERS = (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
@@ -54,48 +52,54 @@ def gaussian_prior(prior):
 
 
 class LocalPosterior(PyroModule):
-    """The local sites' posteriors (see the module's docstring): ``locs`` :math:`a` and
-    ``precisions`` :math:`\\beta` per site, each a table over the sites' full plates.
+    r"""The local sites' posteriors (see the module's docstring), their pseudo-observations from
+    ``pseudo_observations`` (:class:`~vi_flows.autoflow.pseudo_observations.PerItem` for
+    ``mode="per-item"``, :class:`~vi_flows.autoflow.pseudo_observations.Amortized` for ``"amortized"``).
 
     Called with the globals' values (one dict, drawn by the global guide, any particle dimensions
     leading), it runs the model with those values and, at each local site, samples from the
     conditional posterior there; only the local sites and the plates' subsample sites reach the
-    enclosing trace. Returns ``{local site: value}``.
+    enclosing trace. Returns ``{local site: value}``. An amortised posterior first runs the model
+    once more, with the locals from their priors, to read the subsample's data.
 
     :param model: the model, as the user wrote it.
-    :param trace: a trace of the model at the initial point (its local sites' values start :math:`a`).
-    :param names: the local sites.
-    :param float init_scale: the posterior's initial sd bound, :math:`\\beta = 1/\\text{init\\_scale}^2`.
+    :param trace: a trace of the model at the initial point.
+    :param dict local: ``{local site: the plates that make it local}``.
     """
 
-    def __init__(self, model, trace, names, init_scale):
+    def __init__(self, model, trace, local, mode="per-item"):
         super().__init__()
         self._model = (model,)  # not a submodule: the model's parameters are the model's
-        self.names = tuple(names)
-        self.mean_field = []
+        self.names = tuple(local)
         self.supports = {name: trace.nodes[name]["fn"].support for name in self.names}
         self.event_dims = {name: trace.nodes[name]["fn"].event_dim for name in self.names}
-        self.full_shapes = {name: _full_size(trace.nodes[name]).shape for name in self.names}
+        self.full_shapes = {name: full_size_value(trace.nodes[name]).shape for name in self.names}
+        # Each latent site's number of batch dimensions, to put draws left of every plate.
+        self.batch_dims = {name: site["value"].dim() - site["fn"].event_dim for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)}
         self.plate_depth = max((-frame.dim for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ())), default=0)
         self.subsampled = subsampled_plates(trace)
-        for name in self.names:
-            site = trace.nodes[name]
-            if gaussian_prior(site["fn"]) is None:
-                self.mean_field.append(name)
-            loc = _full_size(site)
-            precision = torch.full_like(loc, init_scale**-2)
-            event_dim = site["fn"].event_dim
-            deep_setattr(self, "locs." + name, PyroParam(loc, event_dim=event_dim))
-            deep_setattr(self, "precisions." + name, PyroParam(precision, constraints.positive, event_dim=event_dim))
+        if mode == "amortized":
+            self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
+            features = plate_features(trace, self.data_plates, self.plate_depth)
+            self.pseudo_observations = Amortized(trace, self.names, features, local)
+        else:
+            self.data_plates = ()
+            self.pseudo_observations = PerItem(trace, self.names)
+        self.mean_field = [name for name in self.names if gaussian_prior(trace.nodes[name]["fn"]) is None]
         if self.mean_field:
             warnings.warn(
                 f"local sites {self.mean_field} have priors that are not Gaussian in unconstrained space, so their "
                 "posteriors do not follow the globals: each item is fitted mean-field (independent of the globals)."
             )
 
-    def conditional(self, name, prior):
-        """Item-wise posterior of local site ``name`` given the values its ``prior`` was built from."""
-        loc, precision = attrgetter(name)(self.locs), attrgetter(name)(self.precisions)
+    @property
+    def model(self):
+        return self._model[0]
+
+    def conditional(self, name, prior, features=None):
+        """Item-wise posterior of local site ``name`` given the values its ``prior`` was built from
+        (and, amortised, ``{plate: (items, F)}`` features of the current items)."""
+        loc, precision = self.pseudo_observations(name, features)
         gaussian = gaussian_prior(prior)
         if gaussian is not None:
             prior_loc, prior_scale = gaussian
@@ -106,18 +110,26 @@ class LocalPosterior(PyroModule):
         base = dist.Normal(loc, precision.rsqrt()).to_event(transform.domain.event_dim)
         return dist.TransformedDistribution(base, transform.with_cache())
 
-    def forward(self, global_values, *args, **kwargs):
-        return {name: site["value"] for name, site in self._run(global_values, {}, *args, **kwargs).items()}
+    def forward(self, global_values, *args, indices=None, **kwargs):
+        return {name: site["value"] for name, site in self._run(global_values, {}, indices or {}, *args, **kwargs).items()}
 
-    def _run(self, global_values, local_values, *args, **kwargs):
-        """The local sites of one model run with the globals (and any ``local_values``) given."""
+    def _run(self, global_values, local_values, indices, *args, **kwargs):
+        """The local sites of one model run with the globals, any ``local_values`` and any plates'
+        subsample ``indices`` given."""
+        features = None
+        if self.data_plates:  # the subsample's data, with the locals from their priors
+            with poutine.block(), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
+                self.model(*args, **kwargs)
+            indices = {plate: data_run.trace.nodes[plate]["value"] for plate in self.subsampled}
+            features = plate_features(data_run.trace, self.data_plates, self.plate_depth)
         local = set(self.names)
 
         def hidden(msg):
             return msg["type"] == "sample" and not site_is_subsample(msg) and msg["name"] not in local
 
-        with poutine.block(hide_fn=hidden), poutine.trace() as capture, _LocalSampler(self, global_values, local_values):
-            self._model[0](*args, **kwargs)
+        sampler = LocalSampler(self, global_values, local_values, indices, features)
+        with poutine.block(hide_fn=hidden), poutine.trace() as capture, sampler:
+            self.model(*args, **kwargs)
         return {name: capture.trace.nodes[name] for name in self.names}
 
     @torch.no_grad()
@@ -130,13 +142,16 @@ class LocalPosterior(PyroModule):
                 f"{', '.join(self.subsampled)}; score a model without subsampling (the same guide reads it)"
             )
         num_draws = len(next(iter(global_draws.values())))
-        shape = (num_draws,) + (1,) * self.plate_depth
-        global_values = {name: value.reshape(shape + value.shape[1:]) for name, value in global_draws.items()}
-        local_values = {name: local_draws[name].reshape(shape[:1] + self.full_shapes[name]) for name in self.names}
+        global_values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
+        local_values = {name: self._left_of_plates(name, local_draws[name]) for name in self.names}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
-            sites = self._run(global_values, local_values, *args, **kwargs)
+            sites = self._run(global_values, local_values, {}, *args, **kwargs)
         return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites.values())
 
+
+    def _left_of_plates(self, name, draws):
+        """Draws ``(S, *site_shape)`` of a site with their draw dimension left of every plate of the model."""
+        return draws.reshape(draws.shape[:1] + (1,) * (self.plate_depth - self.batch_dims[name]) + draws.shape[1:])
 
     @torch.no_grad()
     def draw(self, global_draws, reduce, *args, **kwargs):
@@ -147,8 +162,7 @@ class LocalPosterior(PyroModule):
         if len(self.subsampled) > 1:
             raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(self.subsampled)}) at once")
         num_draws = len(next(iter(global_draws.values())))
-        # Draws sit left of every plate of the model.
-        values = {name: value.reshape((num_draws,) + (1,) * self.plate_depth + value.shape[1:]) for name, value in global_draws.items()}
+        values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
             if not self.subsampled:
                 return {name: reduce(name, value.reshape((num_draws,) + self.full_shapes[name])) for name, value in self(values, *args, **kwargs).items()}
@@ -156,7 +170,7 @@ class LocalPosterior(PyroModule):
             result = {}
             for start in range(0, frame.full_size, frame.size):
                 indices = torch.arange(start, start + frame.size) % frame.full_size
-                chunk = poutine.condition(self, data={plate: indices})(values, *args, **kwargs)
+                chunk = self(values, *args, indices={plate: indices}, **kwargs)
                 kept = min(frame.size, frame.full_size - start)
                 for name, value in chunk.items():
                     dim = frame.dim - self.event_dims[name]
@@ -167,32 +181,34 @@ class LocalPosterior(PyroModule):
             return result
 
 
-class _LocalSampler(Messenger):
-    """Inside the model: the globals take the given values; local sites sample from their posteriors."""
+class LocalSampler(Messenger):
+    """Inside the model: the globals and the plates' subsamples take the given values; local sites
+    sample from their posteriors (from their priors without a ``posterior``) or take given values."""
 
-    def __init__(self, posterior, global_values, local_values):
+    def __init__(self, posterior, global_values, local_values, indices, features=None):
         super().__init__()
         self.posterior, self.global_values, self.local_values = posterior, global_values, local_values
+        self.indices, self.features = indices, features
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"] or site_is_subsample(msg):
-            return
         name = msg["name"]
-        if name in self.global_values:
+        if site_is_subsample(msg):
+            if name in self.indices:
+                msg["value"] = self.indices[name]
+        elif msg["is_observed"]:
+            return
+        elif name in self.global_values:
             msg["value"], msg["is_observed"] = self.global_values[name], True
-        elif name in self.posterior.names:
-            msg["fn"] = self.posterior.conditional(name, msg["fn"])
-            if name in self.local_values:
-                msg["value"] = self.local_values[name]
+        elif name in self.local_values:
+            msg["value"] = self.local_values[name]
+        if self.posterior is not None and name in self.posterior.names:
+            msg["fn"] = self.posterior.conditional(name, msg["fn"], self.features)
 
 
-@torch.no_grad()
-def _full_size(site):
-    """A site's unconstrained initial value, repeated along each subsampled plate to its full size."""
-    value = biject_to(site["fn"].support).inv(site["value"]).detach()
-    event_dim = site["fn"].event_dim
-    for frame in site["cond_indep_stack"]:
-        full_size = frame.full_size or frame.size
-        if full_size != frame.size:
-            value = periodic_repeat(value, full_size, frame.dim - event_dim).contiguous()
-    return value
+def _one_plate(name, plates):
+    if len(plates) != 1:
+        raise ValueError(
+            f"local site {name!r} is local in the plates {list(plates)}; an amortised posterior reads one plate's "
+            "items' data. Use local='per-item' for it."
+        )
+    return plates

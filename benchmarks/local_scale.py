@@ -1,0 +1,173 @@
+"""Local latents at scale: ``python benchmarks/local_scale.py [step|fit|all]``.
+
+``step`` prints milliseconds per step and peak memory of the hierarchical normal model of issue 19
+(``mu``, ``tau`` global, one ``theta`` per group, 5 observations per group) against the number of
+groups N at a subsample of B = 256, for ``AutoFlow`` (its per-item local posteriors, the step as
+``fit`` takes it, compiled, and as Pyro's ``SVI`` takes it) next to Pyro's ``AutoNormal`` with
+``create_plates`` subsampling, each configuration in its own process (for its peak memory).
+``fit`` runs the default ``fit(model, AutoFlow(model))`` at N = 100,000 subsampled, and reports its
+time, peak memory and ``tau``'s posterior beside a full-batch mean-field fit's.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from vi_flows import AutoFlow, fit, guide_moments
+from vi_flows.elbo_step import ELBOStep
+from vi_flows.pyro_internals import max_plate_nesting
+
+PER_GROUP, SUBSAMPLE = 5, 256
+
+
+def make_data(num_groups, seed=0):
+    """``(PER_GROUP, N)`` observations: group means 1 + 0.5 z, unit noise."""
+    generator = torch.Generator().manual_seed(seed)
+    means = 1.0 + 0.5 * torch.randn(num_groups, generator=generator)
+    return (means.unsqueeze(-1) + torch.randn(num_groups, PER_GROUP, generator=generator)).T.contiguous()
+
+
+def exact_posterior(data, num_points=4001):
+    """``{"tau": (mean, sd), "mu": (mean, sd)}`` of ``make_model``'s posterior, in float64: by quadrature
+    over tau of the group means' marginal likelihood, mu integrated out in closed form."""
+    group_means = data.double().mean(0)
+    count, grand_mean = len(group_means), group_means.mean()
+    spread = ((group_means - grand_mean) ** 2).sum()
+    tau = torch.linspace(1e-3, 3.0, num_points, dtype=torch.float64)
+    variance = tau**2 + 1 / PER_GROUP  # of a group mean given mu and tau
+    mu_prior_variance = 25.0
+    log_weight = (
+        -(tau**2) / 50  # HalfNormal(5)
+        - 0.5 * (count - 1) * variance.log()
+        - spread / (2 * variance)
+        - 0.5 * (mu_prior_variance + variance / count).log()
+        - grand_mean**2 / (2 * (mu_prior_variance + variance / count))
+    )
+    weight = (log_weight - log_weight.logsumexp(0)).exp()
+    mu_variance = 1 / (1 / mu_prior_variance + count / variance)  # mu | tau, y
+    mu_mean = mu_variance * count * grand_mean / variance
+    tau_mean = (weight * tau).sum()
+    mu_total = (weight * mu_mean).sum()
+    return {
+        "tau": [tau_mean.item(), ((weight * (tau - tau_mean) ** 2).sum()).sqrt().item()],
+        "mu": [mu_total.item(), ((weight * (mu_variance + (mu_mean - mu_total) ** 2)).sum()).sqrt().item()],
+    }
+
+
+def make_model(num_groups, subsample_size=SUBSAMPLE, seed=0):
+    data = make_data(num_groups, seed)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(5.0))
+        with pyro.plate("groups", num_groups, subsample_size=subsample_size, dim=-1) as index:
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            with pyro.plate("observations", PER_GROUP, dim=-2):
+                pyro.sample("y", dist.Normal(theta, 1.0), obs=data.index_select(-1, index))
+
+    return model
+
+
+def one_step_time(kind, num_groups, steps=300, warmup=50):
+    """ms per step and peak resident MB of one configuration (run in a fresh process)."""
+    torch.set_num_threads(1)
+    pyro.set_rng_seed(0)
+    model = make_model(num_groups)
+    if kind == "AutoNormal":
+        guide = AutoNormal(model, create_plates=lambda: pyro.plate("groups", num_groups, subsample_size=SUBSAMPLE, dim=-1))
+        svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), Trace_ELBO())
+        step = svi.step
+    elif kind == "AutoFlow (SVI)":
+        guide = AutoFlow(model)
+        svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), Trace_ELBO())
+        step = svi.step
+    else:  # AutoFlow as fit steps it, compiled, one particle as SVI's
+        guide = AutoFlow(model)
+        nesting = max_plate_nesting(model, guide)
+        elbo_step = ELBOStep(model, guide, num_particles=1, max_plate_nesting=nesting, compile=True, threads=1)
+
+        def step():
+            return elbo_step(1e-2)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    ms = 1e3 * (time.perf_counter() - start) / steps
+    return {"ms_per_step": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def step_table(sizes=(10**3, 10**4, 10**5, 10**6), kinds=("AutoNormal", "AutoFlow (SVI)", "AutoFlow (fit)")):
+    print(f"ms per step and peak resident memory, B = {SUBSAMPLE}, one particle, one thread")
+    print(f"{'N':>9} " + " ".join(f"{kind:>24}" for kind in kinds) + "   fit / AutoNormal")
+    for size in sizes:
+        row = {kind: _in_process("one", kind, size) for kind in kinds}
+        cells = " ".join(f"{row[k]['ms_per_step']:8.2f} ms {row[k]['peak_mb']:7.0f} MB  " for k in kinds)
+        print(f"{size:>9} {cells} {row[kinds[-1]]['ms_per_step'] / row[kinds[0]]['ms_per_step']:6.2f}", flush=True)
+
+
+def fit_at_scale(num_groups=10**5, local="auto"):
+    """The default fit, subsampled, against a full-batch mean-field fit of the same model."""
+    torch.set_num_threads(1)
+    model = make_model(num_groups)
+    guide = AutoFlow(model, local=local)
+    result = fit(model, guide, seed=0, progress=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    moments = guide_moments(guide, 4000, chunk_size=100)  # draws x items at a time
+    report = {
+        "local": local,
+        "local_sites": guide.local_sites,
+        "seconds": result.seconds,
+        "compile_seconds": result.compile_seconds,
+        "steps": result.num_steps,
+        "stop": result.stop_reason,
+        "tau": [moments["tau"][0].item(), moments["tau"][1].item()],
+        "mu": [moments["mu"][0].item(), moments["mu"][1].item()],
+        "peak_mb": peak_mb,
+    }
+    report["exact"] = exact_posterior(make_data(num_groups))
+    report["errors_in_exact_sds"] = {name: (report[name][0] - mean) / sd for name, (mean, sd) in report["exact"].items()}
+    report["sd_ratios"] = {name: report[name][1] / sd for name, (mean, sd) in report["exact"].items()}
+    pyro.clear_param_store()
+    full = make_model(num_groups, subsample_size=None)
+    mean_field = AutoNormal(full)
+    start = time.perf_counter()
+    fit(full, mean_field, num_particles=1, num_steps=4000, lr=0.05, seed=0, progress=False)
+    draws = pyro.infer.Predictive(full, guide=mean_field, num_samples=4000, return_sites=["tau", "mu"])()
+    report["mean_field"] = {name: [draws[name].mean().item(), draws[name].std().item()] for name in ("tau", "mu")}
+    report["mean_field_seconds"] = time.perf_counter() - start
+    return report
+
+
+def _in_process(what, kind, size):
+    command = [sys.executable, __file__, "_one", what, kind, str(size)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["step", "fit", "all", "_one"])
+    parser.add_argument("rest", nargs="*")
+    args = parser.parse_args(argv)
+    if args.what == "_one":
+        print(json.dumps(one_step_time(args.rest[1], int(args.rest[2]))))
+        return
+    if args.what in ("step", "all"):
+        step_table()
+    if args.what in ("fit", "all"):
+        print(json.dumps(fit_at_scale(local=(args.rest or ["auto"])[0]), indent=1))
+
+
+if __name__ == "__main__":
+    main()

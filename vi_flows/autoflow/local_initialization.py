@@ -1,0 +1,148 @@
+r"""Where the local posteriors start: each item's likelihood, Laplace-approximated.
+
+At the globals' starting point, a few damped Newton steps per item find the mode :math:`u^*` of
+each local coordinate's log joint in unconstrained space and its curvature :math:`H`; dividing that
+Laplace approximation by the site's Gaussian prior :math:`N(m, s^2)` leaves the pseudo-observation
+:math:`\beta = H - 1/s^2`, :math:`a = (H u^* - m/s^2)/\beta`: the item's likelihood, Gaussian-approximated.
+Exact in one step where the likelihood is Gaussian (a conjugate hierarchy), and independent of where
+the globals start there, so a fit neither starts every item at the prior's guess nor waits for a
+subsampled item's turn to move it. Curvatures are taken per element (exact across items; within an
+item's event, the diagonal).
+"""
+
+from operator import attrgetter
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+
+from ..pyro_internals import unconstrained_param, unpack_latent
+from .local import LocalSampler, gaussian_prior
+from .pseudo_observations import PerItem, plate_features
+
+NEWTON_STEPS = 8
+# An amortised encoder's affine part starts at the least-squares fit over this many subsamples.
+AMORTIZED_START_SUBSAMPLES = 16
+# Pseudo-observations at least this share of the prior's precision: an item whose data say nothing
+# starts at its prior.
+MIN_PRECISION_SHARE = 1e-3
+
+
+@torch.no_grad()
+def start_locals(guide, *args, **kwargs):
+    """Start ``guide.locals`` at its items' likelihoods, Laplace-approximated at the guide's centre:
+    every item's table rows (per item) or the encoders' affine maps, fitted by least squares over
+    ``AMORTIZED_START_SUBSAMPLES`` subsamples (amortised)."""
+    posterior = guide.locals
+    global_values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in unpack_latent(guide, guide.centre)}
+    per_item = isinstance(posterior.pseudo_observations, PerItem)
+    rows = []
+    for indices in _subsamples(posterior, None if per_item else AMORTIZED_START_SUBSAMPLES):
+        locs, precisions, trace, indices = likelihood_laplace(posterior, global_values, indices, *args, **kwargs)
+        if per_item:
+            for name in posterior.names:
+                _write_rows(posterior, name, indices, locs[name], precisions[name])
+        else:
+            rows.append((plate_features(trace, posterior.data_plates, posterior.plate_depth), locs, precisions))
+    if rows:
+        _fit_encoders(posterior, rows)
+
+
+def _subsamples(posterior, limit):
+    """Index sets covering every item of the subsampled plate (None for a plate without subsampling),
+    at most ``limit`` of them, in a random order."""
+    if not posterior.subsampled:
+        yield {}
+        return
+    if len(posterior.subsampled) > 1:
+        raise NotImplementedError(f"starting the items of several subsampled plates ({', '.join(posterior.subsampled)})")
+    ((plate, frame),) = posterior.subsampled.items()
+    order = torch.randperm(frame.full_size)
+    chunks = range(0, frame.full_size, frame.size)
+    for start in chunks if limit is None else chunks[:limit]:
+        yield {plate: order[torch.arange(start, start + frame.size) % frame.full_size]}
+
+
+def _write_rows(posterior, name, indices, loc, precision):
+    """Put one run's items' ``(a, beta)`` into their rows of the site's tables."""
+    tables = posterior.pseudo_observations
+    for table, value in ((attrgetter(name)(tables.locs), loc), (unconstrained_param(tables.precisions, name), precision.log())):
+        if not indices:
+            table.copy_(value.expand_as(table))
+            continue
+        ((plate, index),) = indices.items()
+        dim = table.dim() + posterior.subsampled[plate].dim - posterior.event_dims[name]
+        table.index_copy_(dim, index, value.expand(table.shape[:dim] + (len(index),) + table.shape[dim + 1 :]))
+
+
+def _fit_encoders(posterior, rows):
+    """Each encoder's affine map by least squares from features to ``(a, log beta)`` per item."""
+    encoders = posterior.pseudo_observations
+    for name in posterior.names:
+        plate = encoders.plates[name]
+        features = torch.cat([encoders.standardise(plate, row[0][plate]) for row in rows])
+        targets = torch.cat([torch.cat([row[1][name].reshape(len(row[0][plate]), -1), row[2][name].log().reshape(len(row[0][plate]), -1)], -1) for row in rows])
+        design = torch.cat([features, torch.ones(len(features), 1)], -1)
+        solution = torch.linalg.lstsq(design.double(), targets.double()).solution.to(features.dtype)
+        affine = attrgetter(name)(encoders.encoders).affine
+        affine.weight.copy_(solution[:-1].T)
+        affine.bias.copy_(solution[-1])
+
+
+def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
+    """``({local site: a}, {local site: beta}, trace, indices)`` for the items of one model run (all, or
+    the subsample ``indices`` give) at ``global_values``: the last run's trace, at the modes, and the
+    subsample's indices."""
+    with torch.no_grad(), poutine.block(), poutine.trace() as first:
+        with LocalSampler(None, global_values, {}, indices):
+            posterior.model(*args, **kwargs)
+    indices = {plate: first.trace.nodes[plate]["value"] for plate in posterior.subsampled}
+    unconstrained = {name: biject_to(posterior.supports[name]).inv(first.trace.nodes[name]["value"]).detach() for name in posterior.names}
+    for _ in range(NEWTON_STEPS):
+        gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs)
+        step = {name: torch.where(curvature[name] < 0, -gradient[name] / curvature[name], 0.1 * gradient[name]).clamp(-2.0, 2.0) for name in posterior.names}
+        unconstrained = {name: (unconstrained[name] + step[name]).nan_to_num() for name in posterior.names}
+        if max(value.abs().max().item() for value in step.values()) < 1e-4:
+            break
+    gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs)
+    locs, precisions = {}, {}
+    for name in posterior.names:
+        prior_loc, prior_scale = gaussian_prior(trace.nodes[name]["fn"]) or (torch.zeros(()), torch.full((), float("inf")))
+        prior_precision = prior_scale.pow(-2)
+        total = (-curvature[name]).nan_to_num(nan=0.0)
+        precision = torch.maximum(total - prior_precision, MIN_PRECISION_SHARE * prior_precision.clamp(min=1.0))
+        locs[name] = ((total * unconstrained[name] - prior_precision * prior_loc) / precision).detach()
+        precisions[name] = precision.detach()
+    return locs, precisions, trace, indices
+
+
+def _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs):
+    """Gradient and diagonal curvature of the model's unscaled log joint in each local coordinate."""
+    with torch.enable_grad():
+        leaves = {name: value.clone().requires_grad_() for name, value in unconstrained.items()}
+        constrained, log_jacobian = {}, 0.0
+        for name, leaf in leaves.items():
+            transform = biject_to(posterior.supports[name])
+            constrained[name] = transform(leaf)
+            log_jacobian = log_jacobian + transform.log_abs_det_jacobian(leaf, constrained[name]).sum()
+        with poutine.block(), poutine.trace() as capture, LocalSampler(None, global_values, constrained, indices):
+            posterior.model(*args, **kwargs)
+        total = log_jacobian + sum(_unscaled_log_prob(site) for site in capture.trace.nodes.values() if _counts(site))
+        gradients = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+        curvatures = torch.autograd.grad(sum(g.sum() for g in gradients), list(leaves.values()), allow_unused=True)
+    names = list(leaves)
+    curvature = {name: (c if c is not None else torch.zeros_like(leaves[name])).detach() for name, c in zip(names, curvatures)}
+    return {name: g.detach() for name, g in zip(names, gradients)}, curvature, capture.trace
+
+
+def _counts(site):
+    return site["type"] == "sample" and not site_is_subsample(site)
+
+
+def _unscaled_log_prob(site):
+    # Without the plates' subsampling scale: each item's own terms, whatever the subsample's size.
+    log_prob = site["fn"].log_prob(site["value"])
+    if site["mask"] is not None:
+        log_prob = log_prob * site["mask"]
+    return log_prob.sum()

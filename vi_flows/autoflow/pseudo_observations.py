@@ -1,0 +1,140 @@
+r"""Where the local posteriors' pseudo-observations :math:`(a_i, \beta_i)` come from
+(:mod:`~vi_flows.autoflow.local`): a table per item, or a network of each item's data.
+
+- :class:`PerItem`: full-size tables with Pyro's ``event_dim``, so that a subsampled plate reads
+  the rows of its subsample; two parameters per coordinate and item.
+- :class:`Amortized`: one small network per local site maps an item's features (by default the
+  values of the observed sites in the item's plate, standardised) to its pseudo-observation, so the
+  parameters do not grow with the items and an item never seen in fitting still gets a posterior
+  (Kingma & Welling 2014; the Sylvester flows' own setting, van den Berg et al. 2018).
+
+Both keep :math:`\beta` positive through ``exp``, so that an optimiser step moves it by a factor, not
+by a fixed amount; where they start is :mod:`~vi_flows.autoflow.local_initialization`'s.
+"""
+
+from operator import attrgetter
+
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
+from pyro.ops.tensor_utils import periodic_repeat
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.distributions import biject_to
+
+# The amortised encoder's hidden width: small, as a per-item posterior of a few coordinates needs.
+HIDDEN = 64
+
+
+class PerItem(PyroModule):
+    """``locs`` and ``precisions`` tables per local site (see the module's docstring)."""
+
+    needs_data = False
+
+    def __init__(self, trace, names):
+        super().__init__()
+        for name in names:
+            site = trace.nodes[name]
+            loc = full_size_value(site)
+            event_dim = site["fn"].event_dim
+            deep_setattr(self, "locs." + name, PyroParam(loc, event_dim=event_dim))
+            deep_setattr(self, "precisions." + name, PyroParam(torch.ones_like(loc), constraints.positive, event_dim=event_dim))
+
+    def forward(self, name, features=None):
+        return attrgetter(name)(self.locs), attrgetter(name)(self.precisions)
+
+
+class Amortized(PyroModule):
+    """One encoder per local site: an item's features to its pseudo-observation (see the module's
+    docstring). ``features(plate)`` are the items' features in the current subsample, ``(B, F)``."""
+
+    needs_data = True
+
+    def __init__(self, trace, names, features, plates):
+        super().__init__()
+        self.plates, self.shapes = {}, {}
+        for name in names:
+            site = trace.nodes[name]
+            (plate,) = plates[name]
+            frame = next(frame for frame in site["cond_indep_stack"] if frame.name == plate)
+            value = biject_to(site["fn"].support).inv(site["value"]).detach()
+            # Per item: the coordinates right of the plate's dimension.
+            per_item = value.shape[value.dim() + frame.dim - site["fn"].event_dim + 1 :]
+            self.plates[name], self.shapes[name] = plate, (frame.dim - site["fn"].event_dim, per_item)
+            size = per_item.numel()
+            start = torch.cat([value.mean().expand(size), torch.zeros(size)])
+            deep_setattr(self, "encoders." + name, Encoder(features[plate].shape[-1], 2 * size, start))
+        # Standardised by the first subsample's spread, so that the first layer suits data of any scale.
+        self._feature_index = {plate: str(index) for index, plate in enumerate(features)}
+        for plate, data in features.items():
+            self.register_buffer("feature_centre_" + self._feature_index[plate], data.mean(0))
+            self.register_buffer("feature_spread_" + self._feature_index[plate], data.std(0).clamp(min=1e-6))
+
+    def standardise(self, plate, features):
+        index = self._feature_index[plate]
+        return (features - getattr(self, "feature_centre_" + index)) / getattr(self, "feature_spread_" + index)
+
+    def forward(self, name, features):
+        plate = self.plates[name]
+        output = attrgetter(name)(self.encoders)(self.standardise(plate, features[plate]))
+        loc, log_precision = output.chunk(2, dim=-1)
+        dim, per_item = self.shapes[name]
+        shape = (len(output),) + per_item
+        return loc.reshape(shape), log_precision.clamp(max=30.0).exp().reshape(shape)
+
+
+def plate_features(trace, plates, plate_depth):
+    """``{plate: (items, F)}``: the values of the observed sites in each of ``plates``, one row per
+    item of the trace's subsample (all of the item's values in the model's other plates and its
+    event, flattened), joined in the order the model observes them. ``plate_depth`` is how many
+    plates deep the model goes: dimensions left of those (particles) are not data."""
+    features = {}
+    for plate in plates:
+        rows = []
+        for name, site in trace.nodes.items():
+            frame = next((frame for frame in site.get("cond_indep_stack", ()) if frame.name == plate), None)
+            if site["type"] != "sample" or not site["is_observed"] or frame is None or site_is_subsample(site):
+                continue
+            kept = plate_depth + site["fn"].event_dim  # the model's plates and the event
+            value = torch.broadcast_to(site["value"], torch.broadcast_shapes(site["value"].shape, site["fn"].shape()))
+            value = value.reshape((1,) * max(kept - value.dim(), 0) + value.shape)
+            value = value.reshape((-1,) + value.shape[value.dim() - kept :])[0]
+            value = value.movedim(kept + frame.dim - site["fn"].event_dim, 0)
+            rows.append(value.reshape(len(value), -1))
+        if not rows:
+            raise ValueError(
+                f"amortised local posteriors read each item's data from the observed sites in its plate, and plate "
+                f"{plate!r} holds none; use local='per-item' for its latents"
+            )
+        features[plate] = torch.cat(rows, -1).detach().to(torch.get_default_dtype())
+    return features
+
+
+class Encoder(nn.Module):
+    """An affine map plus a one-hidden-layer correction, both from zero, so that every input starts at
+    ``start`` and the pseudo-observations of a conjugate model, affine in the data, are exact."""
+
+    def __init__(self, in_features, out_features, start):
+        super().__init__()
+        self.affine = nn.Linear(in_features, out_features)
+        self.correction = nn.Sequential(nn.Linear(in_features, HIDDEN), nn.ELU(), nn.Linear(HIDDEN, out_features, bias=False))
+        with torch.no_grad():
+            self.affine.weight.zero_()
+            self.affine.bias.copy_(start)
+            self.correction[-1].weight.zero_()
+
+    def forward(self, features):
+        return self.affine(features) + self.correction(features)
+
+
+@torch.no_grad()
+def full_size_value(site):
+    """A site's unconstrained initial value, repeated along each subsampled plate to its full size."""
+    value = biject_to(site["fn"].support).inv(site["value"]).detach()
+    event_dim = site["fn"].event_dim
+    for frame in site["cond_indep_stack"]:
+        full_size = frame.full_size or frame.size
+        if full_size != frame.size:
+            value = periodic_repeat(value, full_size, frame.dim - event_dim).contiguous()
+    return value
