@@ -24,6 +24,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from vi_flows import AutoFlow, fit, guide_moments
 from vi_flows.elbo_step import ELBOStep
+from vi_flows.models._hierarchical import equal_groups_moments
 from vi_flows.pyro_internals import max_plate_nesting
 
 PER_GROUP, SUBSAMPLE = 5, 256
@@ -36,31 +37,10 @@ def make_data(num_groups, seed=0):
     return (means.unsqueeze(-1) + torch.randn(num_groups, PER_GROUP, generator=generator)).T.contiguous()
 
 
-def exact_posterior(data, num_points=4001):
-    """``{"tau": (mean, sd), "mu": (mean, sd)}`` of ``make_model``'s posterior, in float64: by quadrature
-    over tau of the group means' marginal likelihood, mu integrated out in closed form."""
-    group_means = data.double().mean(0)
-    count, grand_mean = len(group_means), group_means.mean()
-    spread = ((group_means - grand_mean) ** 2).sum()
-    tau = torch.linspace(1e-3, 3.0, num_points, dtype=torch.float64)
-    variance = tau**2 + 1 / PER_GROUP  # of a group mean given mu and tau
-    mu_prior_variance = 25.0
-    log_weight = (
-        -(tau**2) / 50  # HalfNormal(5)
-        - 0.5 * (count - 1) * variance.log()
-        - spread / (2 * variance)
-        - 0.5 * (mu_prior_variance + variance / count).log()
-        - grand_mean**2 / (2 * (mu_prior_variance + variance / count))
-    )
-    weight = (log_weight - log_weight.logsumexp(0)).exp()
-    mu_variance = 1 / (1 / mu_prior_variance + count / variance)  # mu | tau, y
-    mu_mean = mu_variance * count * grand_mean / variance
-    tau_mean = (weight * tau).sum()
-    mu_total = (weight * mu_mean).sum()
-    return {
-        "tau": [tau_mean.item(), ((weight * (tau - tau_mean) ** 2).sum()).sqrt().item()],
-        "mu": [mu_total.item(), ((weight * (mu_variance + (mu_mean - mu_total) ** 2)).sum()).sqrt().item()],
-    }
+def exact_posterior(data):
+    """``{"tau": [mean, sd], "mu": [mean, sd]}`` of ``make_model``'s posterior (quadrature over tau)."""
+    moments = equal_groups_moments(data.mean(0), 1 / PER_GROUP, 5.0, lambda tau: -(tau**2) / 50)
+    return {name: [mean.item(), sd.item()] for name, (mean, sd) in moments.items()}
 
 
 def make_model(num_groups, subsample_size=SUBSAMPLE, seed=0):

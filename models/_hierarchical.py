@@ -37,3 +37,30 @@ def hierarchical_normal_moments(y, sigma, mu_scale, tau_log_prior, grid=(-12.0, 
         "tau": moments(tau.squeeze(-1), torch.zeros_like(mu_mean)),
         "theta": moments(theta_mean, theta_variance),
     }
+
+
+def equal_groups_moments(group_means, noise_variance, mu_scale, tau_log_prior, grid=(1e-3, 3.0), num_points=4001):
+    """``{"tau": (mean, sd), "mu": (mean, sd)}`` in float64 when every group mean has the same noise
+    variance (equal group sizes): by quadrature over tau, mu integrated out in closed form, O(N), so
+    that it serves 10^6 groups. ``tau_log_prior(tau)`` is up to a constant; the grid is over tau."""
+    group_means = group_means.double()
+    count, grand_mean = len(group_means), group_means.mean()
+    spread = ((group_means - grand_mean) ** 2).sum()
+    tau = torch.linspace(*grid, num_points, dtype=torch.float64)
+    variance = tau**2 + noise_variance  # of a group mean given mu and tau
+    marginal_variance = mu_scale**2 + variance / count  # of the grand mean given tau
+    log_weight = (
+        tau_log_prior(tau)
+        - 0.5 * (count - 1) * variance.log()
+        - spread / (2 * variance)
+        - 0.5 * marginal_variance.log()
+        - grand_mean**2 / (2 * marginal_variance)
+    )
+    weight = (log_weight - log_weight.logsumexp(0)).exp()
+    mu_variance = 1 / (1 / mu_scale**2 + count / variance)  # mu | tau, y
+    mu_mean = mu_variance * count * grand_mean / variance
+    tau_mean, mu_total = (weight * tau).sum(), (weight * mu_mean).sum()
+    return {
+        "tau": (tau_mean, (weight * (tau - tau_mean) ** 2).sum().sqrt()),
+        "mu": (mu_total, (weight * (mu_variance + (mu_mean - mu_total) ** 2)).sum().sqrt()),
+    }

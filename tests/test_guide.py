@@ -406,13 +406,17 @@ def test_discrete_latent_site_is_named():
         AutoFlow(model)()
 
 
-def test_subsampled_local_latents_are_refused():
+def test_subsampled_local_latents_are_refused_by_one_global_flow():
+    """With local='none' a subsampled plate of latents is an error that names site and plate (the
+    default gives them local posteriors: tests/test_local.py)."""
+
     def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("data", 100, subsample_size=10):
-            pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("z", dist.Normal(mu, 1.0))
 
     with pytest.raises(ValueError, match="'z' lies in plate 'data', subsampled to 10 of 100"):
-        AutoFlow(model)()
+        AutoFlow(model, local="none")()
 
 
 def test_subsampled_plate_with_only_global_latents_is_fine():

@@ -1,7 +1,6 @@
 """``AutoFlow``: a registered flow as the posterior of any Pyro model."""
 
 import functools
-import warnings
 
 import pyro.distributions as dist
 import torch
@@ -86,7 +85,8 @@ class AutoFlow(AutoContinuous):
         Gaussian posterior, conditioned on the globals drawn in the same particle
         (:class:`~vi_flows.autoflow.local.LocalPosterior`), started at each item's likelihood,
         Laplace-approximated (:mod:`~vi_flows.autoflow.local_initialization`), and the flow covers
-        the global latents only (started at the prior point); ``"amortized"`` is
+        the global latents only (its Laplace start integrates the locals out against their
+        pseudo-observations; ``"auto"`` keeps it without comparing ELBOs); ``"amortized"`` is
         the same posterior with each item's parameters computed by a network from the item's data
         (the observed sites in its plate), not stored per item; with ``"none"`` the
         flow covers every latent, and a subsampled plate of latents is an error; ``"auto"``
@@ -146,9 +146,6 @@ class AutoFlow(AutoContinuous):
         self.local_sites = self._choose_local_sites(trace)
         if self.local_sites:
             self._prototype_hide_fn = functools.partial(_hide_sites, frozenset(self.local_sites))
-            if self.init == "laplace":
-                warnings.warn(f"init='laplace' needs every latent in one vector; local sites {list(self.local_sites)} start at the prior point")
-            self.init = "prior"
         try:
             super()._setup_prototype(*args, **kwargs)
         except Exception:

@@ -9,6 +9,7 @@ from pyro.infer import Trace_ELBO
 from torch.distributions import biject_to
 
 from ..pyro_internals import unpack_latent
+from .local_initialization import collapsed_log_joint
 
 INITS = ("auto", "laplace", "prior")
 # Draws behind init="auto"'s choice between the prior point and the Laplace fit.
@@ -34,7 +35,11 @@ class InitWithFallback:
 
 def log_joint(guide, latent, *args, **kwargs):
     """The model's log joint density at a packed unconstrained latent vector, with the log-Jacobian
-    of the maps to each site's support: the density of the latent vector itself."""
+    of the maps to each site's support: the density of the latent vector itself. With local
+    posteriors, the latent vector holds the globals, and the locals are integrated out
+    (:func:`~vi_flows.autoflow.local_initialization.collapsed_log_joint`)."""
+    if getattr(guide, "locals", None) is not None:
+        return collapsed_log_joint(guide, latent, *args, **kwargs)
     values, log_jacobian = {}, 0.0
     for site, unconstrained in unpack_latent(guide, latent):
         to_support = biject_to(site["fn"].support)
@@ -70,7 +75,7 @@ def laplace_approximation(guide, *args, max_iter=1000, **kwargs):
             optimizer.step(closure)
             if not torch.isfinite(mode).all():
                 raise ValueError("the MAP search diverged")
-            hessian = torch.autograd.functional.hessian(potential, mode.detach())
+            mode, hessian = _curvature(guide, potential, mode.detach(), *args, **kwargs)
         covariance_tril = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)))
     # cholesky raises RuntimeError subclasses; torch's strong-Wolfe line search can raise
     # IndexError when the loss turns NaN inside a bracket.
@@ -78,6 +83,22 @@ def laplace_approximation(guide, *args, max_iter=1000, **kwargs):
         reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
         raise ValueError(f"Laplace initialisation failed ({reason})") from failure
     return mode.detach(), covariance_tril
+
+
+def _curvature(guide, potential, mode, *args, **kwargs):
+    """``(mode, Hessian)`` of the potential there. With local posteriors the search read some of the
+    items (:data:`~vi_flows.autoflow.local_initialization.COLLAPSED_SUBSAMPLES` subsamples); one Newton
+    step on all of them corrects it."""
+    if getattr(guide, "locals", None) is None:
+        return mode, torch.autograd.functional.hessian(potential, mode)
+
+    def every_item(latent):
+        return -collapsed_log_joint(guide, latent, *args, max_subsamples=None, **kwargs)
+
+    hessian = torch.autograd.functional.hessian(every_item, mode)
+    latent = mode.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(every_item(latent), latent)
+    return mode - torch.linalg.solve(hessian, gradient), hessian
 
 
 def start(guide, init, *args, **kwargs):
@@ -92,7 +113,10 @@ def start(guide, init, *args, **kwargs):
             warnings.warn(f"{failure}; starting from the prior point instead.")
         return "prior"
     prior_state = {name: value.detach().clone() for name, value in guide.state_dict().items()}
-    prior_elbo = _quick_elbo(guide, *args, **kwargs) if init == "auto" else None
+    # With local posteriors the quick ELBO is a subsample's, too noisy to choose by: the Laplace
+    # start, with the locals integrated out, is kept.
+    compare = init == "auto" and getattr(guide, "locals", None) is None
+    prior_elbo = _quick_elbo(guide, *args, **kwargs) if compare else None
     guide.recentre(mode, covariance_tril, *args, **kwargs)
     if prior_elbo is not None and not _quick_elbo(guide, *args, **kwargs) > prior_elbo:
         guide.load_state_dict(prior_state)

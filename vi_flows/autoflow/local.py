@@ -78,6 +78,7 @@ class LocalPosterior(PyroModule):
         self.batch_dims = {name: site["value"].dim() - site["fn"].event_dim for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)}
         self.plate_depth = max((-frame.dim for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ())), default=0)
         self.subsampled = subsampled_plates(trace)
+        self.local_plates = {plate for plates in local.values() for plate in plates}
         if mode == "amortized":
             self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
             features = plate_features(trace, self.data_plates, self.plate_depth)
@@ -110,12 +111,25 @@ class LocalPosterior(PyroModule):
         base = dist.Normal(loc, precision.rsqrt()).to_event(transform.domain.event_dim)
         return dist.TransformedDistribution(base, transform.with_cache())
 
-    def forward(self, global_values, *args, indices=None, **kwargs):
-        return {name: site["value"] for name, site in self._run(global_values, {}, indices or {}, *args, **kwargs).items()}
+    def evidence(self, name, prior, features=None):
+        """``log N(a; m, s^2 + 1/beta)`` summed over the current items of local site ``name``: the
+        log-likelihood of the globals behind ``prior`` that its pseudo-observations stand for, the
+        site integrated out (0 for a prior that is not Gaussian)."""
+        gaussian = gaussian_prior(prior)
+        if gaussian is None:
+            return 0.0
+        loc, precision = self.pseudo_observations(name, features)
+        prior_loc, prior_scale = gaussian
+        return dist.Normal(prior_loc, (prior_scale.pow(2) + precision.reciprocal()).sqrt()).log_prob(loc).sum()
 
-    def _run(self, global_values, local_values, indices, *args, **kwargs):
-        """The local sites of one model run with the globals, any ``local_values`` and any plates'
-        subsample ``indices`` given."""
+    def forward(self, global_values, *args, indices=None, **kwargs):
+        trace = self._run(global_values, {}, indices or {}, *args, **kwargs)
+        return {name: trace.nodes[name]["value"] for name in self.names}
+
+    def _run(self, global_values, local_values, indices, *args, evidence=None, **kwargs):
+        """The trace of one model run with the globals, any ``local_values`` and any plates' subsample
+        ``indices`` given, the locals drawn from their posteriors; with an ``evidence`` dict, each
+        local site's :meth:`evidence` goes in it."""
         features = None
         if self.data_plates:  # the subsample's data, with the locals from their priors
             with poutine.block(), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
@@ -127,10 +141,10 @@ class LocalPosterior(PyroModule):
         def hidden(msg):
             return msg["type"] == "sample" and not site_is_subsample(msg) and msg["name"] not in local
 
-        sampler = LocalSampler(self, global_values, local_values, indices, features)
+        sampler = LocalSampler(self, global_values, local_values, indices, features, evidence)
         with poutine.block(hide_fn=hidden), poutine.trace() as capture, sampler:
             self.model(*args, **kwargs)
-        return {name: capture.trace.nodes[name] for name in self.names}
+        return capture.trace
 
     @torch.no_grad()
     def log_prob(self, global_draws, local_draws, *args, **kwargs):
@@ -145,9 +159,9 @@ class LocalPosterior(PyroModule):
         global_values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         local_values = {name: self._left_of_plates(name, local_draws[name]) for name in self.names}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
-            sites = self._run(global_values, local_values, {}, *args, **kwargs)
-        return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites.values())
-
+            trace = self._run(global_values, local_values, {}, *args, **kwargs)
+        sites = [trace.nodes[name] for name in self.names]
+        return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites)
 
     def _left_of_plates(self, name, draws):
         """Draws ``(S, *site_shape)`` of a site with their draw dimension left of every plate of the model."""
@@ -157,8 +171,8 @@ class LocalPosterior(PyroModule):
     def draw(self, global_draws, reduce, *args, **kwargs):
         """``{local site: reduce(draws)}`` over all items, where ``global_draws`` are the globals' draws
         (``{site: (S, *site_shape)}``) and ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws
-        given them to a tensor of any leading size (the identity, or quantiles over the draws). A subsampled plate
-        is run a subsample at a time, so memory follows the subsample, not the items."""
+        given them to a tensor of any leading size (the identity, or quantiles over the draws). A
+        subsampled plate is run a subsample at a time, so memory follows the subsample, not the items."""
         if len(self.subsampled) > 1:
             raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(self.subsampled)}) at once")
         num_draws = len(next(iter(global_draws.values())))
@@ -173,8 +187,8 @@ class LocalPosterior(PyroModule):
                 chunk = self(values, *args, indices={plate: indices}, **kwargs)
                 kept = min(frame.size, frame.full_size - start)
                 for name, value in chunk.items():
-                    dim = frame.dim - self.event_dims[name]
-                    value = reduce(name, value.reshape((num_draws,) + self.full_shapes[name][:dim] + (frame.size,) + self.full_shapes[name][dim:][1:]))
+                    dim, shape = frame.dim - self.event_dims[name], self.full_shapes[name]
+                    value = reduce(name, value.reshape((num_draws,) + shape[:dim] + (frame.size,) + shape[len(shape) + dim + 1 :]))
                     if name not in result:
                         result[name] = value.new_empty(value.shape[:1] + self.full_shapes[name])
                     result[name].narrow(dim, start, kept).copy_(value.narrow(dim, 0, kept))
@@ -185,10 +199,10 @@ class LocalSampler(Messenger):
     """Inside the model: the globals and the plates' subsamples take the given values; local sites
     sample from their posteriors (from their priors without a ``posterior``) or take given values."""
 
-    def __init__(self, posterior, global_values, local_values, indices, features=None):
+    def __init__(self, posterior, global_values, local_values, indices, features=None, evidence=None):
         super().__init__()
         self.posterior, self.global_values, self.local_values = posterior, global_values, local_values
-        self.indices, self.features = indices, features
+        self.indices, self.features, self.evidence = indices, features, evidence
 
     def _pyro_sample(self, msg):
         name = msg["name"]
@@ -202,6 +216,8 @@ class LocalSampler(Messenger):
         elif name in self.local_values:
             msg["value"] = self.local_values[name]
         if self.posterior is not None and name in self.posterior.names:
+            if self.evidence is not None:
+                self.evidence[name] = self.posterior.evidence(name, msg["fn"], self.features)
             msg["fn"] = self.posterior.conditional(name, msg["fn"], self.features)
 
 

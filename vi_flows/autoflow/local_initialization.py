@@ -22,6 +22,8 @@ from .local import LocalSampler, gaussian_prior
 from .pseudo_observations import PerItem, plate_features
 
 NEWTON_STEPS = 8
+# The globals' Laplace start reads the items of at most this many subsamples.
+COLLAPSED_SUBSAMPLES = 64
 # An amortised encoder's affine part starts at the least-squares fit over this many subsamples.
 AMORTIZED_START_SUBSAMPLES = 16
 # Pseudo-observations at least this share of the prior's precision: an item whose data say nothing
@@ -47,6 +49,37 @@ def start_locals(guide, *args, **kwargs):
             rows.append((plate_features(trace, posterior.data_plates, posterior.plate_depth), locs, precisions))
     if rows:
         _fit_encoders(posterior, rows)
+
+
+def collapsed_log_joint(guide, latent, *args, max_subsamples=COLLAPSED_SUBSAMPLES, **kwargs):
+    """The log density of the globals' packed unconstrained vector ``latent`` with every local site
+    integrated out against its pseudo-observations (:meth:`~vi_flows.autoflow.local.LocalPosterior.evidence`),
+    up to a constant: the globals' prior, the data outside the local plates, and each item's
+    evidence, over at most ``max_subsamples`` subsamples (None: all), scaled to every item."""
+    posterior = guide.locals
+    global_values, log_jacobian = {}, 0.0
+    for site, unconstrained in unpack_latent(guide, latent):
+        to_support = biject_to(site["fn"].support)
+        global_values[site["name"]] = value = to_support(unconstrained)
+        log_jacobian = log_jacobian + to_support.log_abs_det_jacobian(unconstrained, value).sum()
+    items, evidence, trace = 0, 0.0, None
+    with torch.random.fork_rng():  # the same subsamples at every call: a deterministic objective
+        torch.manual_seed(0)
+        for indices in _subsamples(posterior, max_subsamples):
+            terms = {}
+            with poutine.block():
+                trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+            evidence = evidence + sum(terms.values())
+            items += len(next(iter(indices.values()))) if indices else 0
+    if posterior.subsampled:
+        ((plate, frame),) = posterior.subsampled.items()
+        evidence = evidence * frame.full_size / items
+    outside = [site for site in trace.nodes.values() if _counts(site) and site["is_observed"] and not _in_local_plates(posterior, site)]
+    return log_jacobian + evidence + sum(_unscaled_log_prob(site) for site in outside)
+
+
+def _in_local_plates(posterior, site):
+    return any(frame.name in posterior.local_plates for frame in site["cond_indep_stack"])
 
 
 def _subsamples(posterior, limit):

@@ -30,8 +30,6 @@ HIDDEN = 64
 class PerItem(PyroModule):
     """``locs`` and ``precisions`` tables per local site (see the module's docstring)."""
 
-    needs_data = False
-
     def __init__(self, trace, names):
         super().__init__()
         for name in names:
@@ -47,13 +45,11 @@ class PerItem(PyroModule):
 
 class Amortized(PyroModule):
     """One encoder per local site: an item's features to its pseudo-observation (see the module's
-    docstring). ``features(plate)`` are the items' features in the current subsample, ``(B, F)``."""
-
-    needs_data = True
+    docstring). ``features[plate]`` are the features of the plate's current items, ``(items, F)``."""
 
     def __init__(self, trace, names, features, plates):
         super().__init__()
-        self.plates, self.shapes = {}, {}
+        self.plates, self.per_item_shapes = {}, {}
         for name in names:
             site = trace.nodes[name]
             (plate,) = plates[name]
@@ -61,7 +57,7 @@ class Amortized(PyroModule):
             value = biject_to(site["fn"].support).inv(site["value"]).detach()
             # Per item: the coordinates right of the plate's dimension.
             per_item = value.shape[value.dim() + frame.dim - site["fn"].event_dim + 1 :]
-            self.plates[name], self.shapes[name] = plate, (frame.dim - site["fn"].event_dim, per_item)
+            self.plates[name], self.per_item_shapes[name] = plate, per_item
             size = per_item.numel()
             start = torch.cat([value.mean().expand(size), torch.zeros(size)])
             deep_setattr(self, "encoders." + name, Encoder(features[plate].shape[-1], 2 * size, start))
@@ -79,8 +75,7 @@ class Amortized(PyroModule):
         plate = self.plates[name]
         output = attrgetter(name)(self.encoders)(self.standardise(plate, features[plate]))
         loc, log_precision = output.chunk(2, dim=-1)
-        dim, per_item = self.shapes[name]
-        shape = (len(output),) + per_item
+        shape = (len(output),) + self.per_item_shapes[name]
         return loc.reshape(shape), log_precision.clamp(max=30.0).exp().reshape(shape)
 
 
