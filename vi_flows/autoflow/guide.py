@@ -136,6 +136,7 @@ class AutoFlow(AutoContinuous):
         super().__init__(model, init_loc_fn=InitWithFallback(init_loc_fn))
         pyro_internals.name_module(self, name)
         self.non_centring = None  # a PartialNonCentring, once set up, for a model with scale parents
+        self.locals = None  # a LocalPosterior, once set up, for a model with local sites
 
     def setup(self, *args, **kwargs):
         """Set the guide up for the model's arguments, as its first call would (idempotent)."""
@@ -163,7 +164,6 @@ class AutoFlow(AutoContinuous):
         self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
         if self._use_non_centring:
             self.non_centring = non_centring_of(self, *args, **kwargs)
-        self.locals = None
         if self.local_sites:
             plates = {name: plates for name, plates in local_sites(trace).items() if name in self.local_sites}
             mode = "amortized" if self.local_mode == "amortized" else "per-item"
