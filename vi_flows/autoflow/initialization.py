@@ -9,7 +9,7 @@ from pyro.infer import Trace_ELBO
 from torch.distributions import biject_to
 
 from ..pyro_internals import unpack_latent
-from .local_initialization import collapsed_log_joint
+from .local_initialization import collapsed_log_joint, collapsed_terms
 
 INITS = ("auto", "laplace", "prior")
 # Draws behind init="auto"'s choice between the prior point and the Laplace fit.
@@ -92,12 +92,12 @@ def _curvature(guide, potential, mode, *args, **kwargs):
     if getattr(guide, "locals", None) is None:
         return mode, torch.autograd.functional.hessian(potential, mode)
 
-    def every_item(latent):
-        return -collapsed_log_joint(guide, latent, *args, max_subsamples=None, **kwargs)
-
-    hessian = torch.autograd.functional.hessian(every_item, mode)
-    latent = mode.clone().requires_grad_()
-    (gradient,) = torch.autograd.grad(every_item(latent), latent)
+    # Term by term, so that memory follows a subsample, not the items.
+    hessian, gradient = 0.0, 0.0
+    for term in collapsed_terms(guide, *args, max_subsamples=None, **kwargs):
+        hessian = hessian - torch.autograd.functional.hessian(term, mode)
+        latent = mode.clone().requires_grad_()
+        gradient = gradient - torch.autograd.grad(term(latent), latent)[0]
     return mode - torch.linalg.solve(hessian, gradient), hessian
 
 

@@ -10,6 +10,7 @@ subsampled item's turn to move it. Curvatures are taken per element (exact acros
 item's event, the diagonal).
 """
 
+import functools
 from operator import attrgetter
 
 import torch
@@ -55,25 +56,38 @@ def collapsed_log_joint(guide, latent, *args, max_subsamples=COLLAPSED_SUBSAMPLE
     """The log density of the globals' packed unconstrained vector ``latent`` with every local site
     integrated out against its pseudo-observations (:meth:`~vi_flows.autoflow.local.LocalPosterior.evidence`),
     up to a constant: the globals' prior, the data outside the local plates, and each item's
-    evidence, over at most ``max_subsamples`` subsamples (None: all), scaled to every item."""
+    evidence, over at most ``max_subsamples`` subsamples (None: all), scaled to every item. It is
+    the sum of :func:`collapsed_terms`, so a caller can also take the derivatives term by term."""
+    return sum(term(latent) for term in collapsed_terms(guide, *args, max_subsamples=max_subsamples, **kwargs))
+
+
+def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, **kwargs):
+    """:func:`collapsed_log_joint` as a list of functions of ``latent``, one per subsample (the first
+    also carries the globals' own terms), the same subsamples at every call."""
+    posterior = guide.locals
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        subsamples = list(_subsamples(posterior, max_subsamples))
+    scale = 1.0
+    if posterior.subsampled:
+        ((plate, frame),) = posterior.subsampled.items()
+        scale = frame.full_size / (frame.size * len(subsamples))
+    return [functools.partial(_collapsed_term, guide, indices, scale, index == 0, args, kwargs) for index, indices in enumerate(subsamples)]
+
+
+def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
     posterior = guide.locals
     global_values, log_jacobian = {}, 0.0
     for site, unconstrained in unpack_latent(guide, latent):
         to_support = biject_to(site["fn"].support)
         global_values[site["name"]] = value = to_support(unconstrained)
         log_jacobian = log_jacobian + to_support.log_abs_det_jacobian(unconstrained, value).sum()
-    items, evidence, trace = 0, 0.0, None
-    with torch.random.fork_rng():  # the same subsamples at every call: a deterministic objective
-        torch.manual_seed(0)
-        for indices in _subsamples(posterior, max_subsamples):
-            terms = {}
-            with poutine.block():
-                trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
-            evidence = evidence + sum(terms.values())
-            items += len(next(iter(indices.values()))) if indices else 0
-    if posterior.subsampled:
-        ((plate, frame),) = posterior.subsampled.items()
-        evidence = evidence * frame.full_size / items
+    terms = {}
+    with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used: no trace of them
+        trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+    evidence = scale * sum(terms.values())
+    if not with_globals:
+        return evidence
     outside = [site for site in trace.nodes.values() if _counts(site) and site["is_observed"] and not _in_local_plates(posterior, site)]
     return log_jacobian + evidence + sum(_unscaled_log_prob(site) for site in outside)
 
