@@ -11,17 +11,13 @@ from .pyro_internals import plate_depth, setup, unpack_latent
 def sample_constrained(guide, num_samples, *args, **kwargs):
     """Draw ``num_samples`` from any Pyro ``AutoContinuous`` guide, in the model's constrained space.
 
-    Returns ``{site: tensor of shape (num_samples, *site_shape)}``. Unlike ``Predictive`` this never
-    runs the model, so it works for models with ``ImproperUniform`` sites.
+    Returns ``{site: tensor of shape (num_samples, *site_shape)}``. Unlike ``Predictive`` this does not
+    run the model for the global latents, so it works for models with ``ImproperUniform`` sites; an
+    ``AutoFlow``'s local sites are drawn by running the model, a subsample at a time.
     """
     setup(guide, *args, **kwargs)
     latent = guide.get_posterior(*args, **kwargs).sample((num_samples,))
-    # Pyro unpacks draws that sit left of every plate dimension.
-    latent = latent.reshape((num_samples,) + (1,) * plate_depth(guide) + latent.shape[-1:])
-    values = {
-        site["name"]: biject_to(site["fn"].support)(unconstrained).reshape((num_samples,) + site["value"].shape)
-        for site, unconstrained in unpack_latent(guide, latent)
-    }
+    values = _unpacked(guide, latent)
     local = getattr(guide, "locals", None)
     if local is not None:  # given the globals' draws, over all items
         values.update(local.draw(values, lambda name, draws: draws, *args, **kwargs))
@@ -97,11 +93,7 @@ def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
         latent = guide.get_posterior(*args, **kwargs).sample((num_draws,))
     levels = torch.as_tensor(levels, dtype=latent.dtype, device=latent.device)
     per_coordinate = torch.quantile(latent, levels, dim=0)
-    per_coordinate = per_coordinate.reshape((len(levels),) + (1,) * plate_depth(guide) + latent.shape[-1:])
-    values = {
-        site["name"]: biject_to(site["fn"].support)(value).reshape((len(levels),) + site["value"].shape)
-        for site, value in unpack_latent(guide, per_coordinate)
-    }
+    values = _unpacked(guide, per_coordinate)
     local = getattr(guide, "locals", None)
     if local is not None:
         values.update(_local_quantiles(guide, local, latent, levels, seed, *args, **kwargs))
@@ -111,11 +103,7 @@ def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
 def _local_quantiles(guide, local, latent, levels, seed, *args, **kwargs):
     """Quantiles of each local coordinate over its draws given the globals' ``latent`` draws, taken in
     unconstrained space and mapped back, as for the globals."""
-    latent = latent.reshape((len(latent),) + (1,) * plate_depth(guide) + latent.shape[-1:])
-    global_draws = {
-        site["name"]: biject_to(site["fn"].support)(value).reshape((len(latent),) + site["value"].shape)
-        for site, value in unpack_latent(guide, latent)
-    }
+    global_draws = _unpacked(guide, latent)
 
     def reduce(name, draws):  # per coordinate in unconstrained space, so each quantile is in the support
         transform = biject_to(local.supports[name])
@@ -124,3 +112,13 @@ def _local_quantiles(guide, local, latent, levels, seed, *args, **kwargs):
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         return local.draw(global_draws, reduce, *args, **kwargs)
+
+
+def _unpacked(guide, latent):
+    """``{site: (len(latent), *site_shape)}`` in each site's support, of packed unconstrained rows."""
+    # Pyro unpacks rows that sit left of every plate dimension.
+    latent = latent.reshape((len(latent),) + (1,) * plate_depth(guide) + latent.shape[-1:])
+    return {
+        site["name"]: biject_to(site["fn"].support)(value).reshape((len(latent),) + site["value"].shape)
+        for site, value in unpack_latent(guide, latent)
+    }

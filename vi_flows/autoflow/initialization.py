@@ -8,8 +8,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch.distributions import biject_to
 
-from ..pyro_internals import unpack_latent
-from .local_initialization import collapsed_log_joint, collapsed_terms
+from .local_initialization import collapsed_log_joint, collapsed_terms, constrained_values
 
 INITS = ("auto", "laplace", "prior")
 # Draws behind init="auto"'s choice between the prior point and the Laplace fit.
@@ -40,11 +39,7 @@ def log_joint(guide, latent, *args, **kwargs):
     (:func:`~vi_flows.autoflow.local_initialization.collapsed_log_joint`)."""
     if getattr(guide, "locals", None) is not None:
         return collapsed_log_joint(guide, latent, *args, **kwargs)
-    values, log_jacobian = {}, 0.0
-    for site, unconstrained in unpack_latent(guide, latent):
-        to_support = biject_to(site["fn"].support)
-        values[site["name"]] = value = to_support(unconstrained)
-        log_jacobian = log_jacobian + to_support.log_abs_det_jacobian(unconstrained, value).sum()
+    values, log_jacobian = constrained_values(guide, latent)
     with poutine.block():
         trace = poutine.trace(poutine.condition(guide.model, data=values)).get_trace(*args, **kwargs)
     return trace.log_prob_sum() + log_jacobian

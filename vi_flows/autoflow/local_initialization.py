@@ -38,7 +38,7 @@ def start_locals(guide, *args, **kwargs):
     every item's table rows (per item) or the encoders' affine maps, fitted by least squares over
     ``AMORTIZED_START_SUBSAMPLES`` subsamples (amortised)."""
     posterior = guide.locals
-    global_values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in unpack_latent(guide, guide.centre)}
+    global_values, _ = constrained_values(guide, guide.centre)
     per_item = isinstance(posterior.pseudo_observations, PerItem)
     rows = []
     for indices in _subsamples(posterior, None if per_item else AMORTIZED_START_SUBSAMPLES):
@@ -77,11 +77,7 @@ def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, **kwargs)
 
 def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
     posterior = guide.locals
-    global_values, log_jacobian = {}, 0.0
-    for site, unconstrained in unpack_latent(guide, latent):
-        to_support = biject_to(site["fn"].support)
-        global_values[site["name"]] = value = to_support(unconstrained)
-        log_jacobian = log_jacobian + to_support.log_abs_det_jacobian(unconstrained, value).sum()
+    global_values, log_jacobian = constrained_values(guide, latent)
     terms = {}
     with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used: no trace of them
         trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
@@ -90,6 +86,16 @@ def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
         return evidence
     outside = [site for site in trace.nodes.values() if _counts(site) and site["is_observed"] and not _in_local_plates(posterior, site)]
     return log_jacobian + evidence + sum(_unscaled_log_prob(site) for site in outside)
+
+
+def constrained_values(guide, latent):
+    """``({site: value in its support}, log-Jacobian of the maps there)`` of a packed unconstrained latent."""
+    values, log_jacobian = {}, 0.0
+    for site, unconstrained in unpack_latent(guide, latent):
+        to_support = biject_to(site["fn"].support)
+        values[site["name"]] = value = to_support(unconstrained)
+        log_jacobian = log_jacobian + to_support.log_abs_det_jacobian(unconstrained, value).sum()
+    return values, log_jacobian
 
 
 def _in_local_plates(posterior, site):
