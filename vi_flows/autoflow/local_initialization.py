@@ -3,7 +3,8 @@ r"""Where the local posteriors start: each item's likelihood, Laplace-approximat
 At the globals' starting point, a few damped Newton steps per item find the mode :math:`u^*` of
 each local coordinate's log joint in unconstrained space and its curvature :math:`H`; dividing that
 Laplace approximation by the site's Gaussian prior :math:`N(m, s^2)` leaves the pseudo-observation
-:math:`\beta = H - 1/s^2`, :math:`a = (H u^* - m/s^2)/\beta`: the item's likelihood, Gaussian-approximated.
+:math:`\beta = H - 1/s^2` and :math:`a = u + g/\beta`, where :math:`g` is the likelihood's slope at the point
+:math:`u` the steps reached (:math:`a = (H u^* - m/s^2)/\beta` at the mode): the item's likelihood, Gaussian-approximated.
 Exact in one step where the likelihood is Gaussian (a conjugate hierarchy), and independent of where
 the globals start there, so a fit neither starts every item at the prior's guess nor waits for a
 subsampled item's turn to move it. Curvatures are taken per element (exact across items; within an
@@ -165,7 +166,10 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
         prior_precision = prior_scale.pow(-2)
         total = (-curvature[name]).nan_to_num(nan=0.0)
         precision = torch.maximum(total - prior_precision, MIN_PRECISION_SHARE * prior_precision.clamp(min=1.0))
-        locs[name] = ((total * unconstrained[name] - prior_precision * prior_loc) / precision).detach()
+        # The likelihood's own slope at the expansion point: exact for a Gaussian likelihood wherever
+        # the Newton steps stopped (an item far from its data may not have reached its mode).
+        slope = gradient[name] + prior_precision * (unconstrained[name] - prior_loc)
+        locs[name] = (unconstrained[name] + slope / precision).detach()
         precisions[name] = precision.detach()
     return locs, precisions, trace, indices
 
