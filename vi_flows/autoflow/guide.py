@@ -92,6 +92,11 @@ class AutoFlow(AutoContinuous):
         flow covers every latent, and a subsampled plate of latents is an error; ``"auto"``
         (default) is ``"per-item"`` where a plate of latents is subsampled or the local latents have
         ``LOCAL_MIN_DIM`` = 200 coordinates or more, else ``"none"``. ``local_sites`` names them.
+    :param str local_flow: a flow spec (e.g. ``"sylvester*4"``) applied per item after the local
+        Gaussian, its parameters a function of the item
+        (:class:`~vi_flows.flows.conditional.ConditionalFlow`): of the item's data (encoder) when
+        amortised, of a learned row per item otherwise. None (default): the Gaussian alone.
+    :param dict local_flow_options: options of the local flow, as :func:`vi_flows.build_flow` takes them.
     :param str name: the prefix of the guide's names in Pyro's param store; two guides of one name
         in one store read the same parameters (a clear error where their shapes differ).
     :param flow_options: passed to :func:`vi_flows.build_flow`, checked against the flows' own.
@@ -115,6 +120,8 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 0.1,
         non_centring: bool = True,
         local: str = "auto",
+        local_flow: str | None = None,
+        local_flow_options: dict | None = None,
         name: str = "AutoFlow",
         **flow_options,
     ):
@@ -127,6 +134,11 @@ class AutoFlow(AutoContinuous):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         check_flow_options(flow, flow_options, owner="AutoFlow")
+        if local_flow is not None:
+            if local == "none":
+                raise ValueError("local_flow is a flow over each local item, and local='none' gives no item its own posterior")
+            check_flow_options(local_flow, local_flow_options or {}, owner="AutoFlow's local_flow")
+        self.local_flow, self._local_flow_options = local_flow, dict(local_flow_options or {})
         self.flow_spec, self.base_kind, self.init = flow, base, init
         self._init_scale = float(init_scale)
         self._use_non_centring = bool(non_centring)
@@ -167,7 +179,7 @@ class AutoFlow(AutoContinuous):
         if self.local_sites:
             plates = {name: plates for name, plates in local_sites(trace).items() if name in self.local_sites}
             mode = "amortized" if self.local_mode == "amortized" else "per-item"
-            self.locals = LocalPosterior(self._user_model[0], trace, plates, mode)
+            self.locals = LocalPosterior(self._user_model[0], trace, plates, mode, self.local_flow, self._local_flow_options)
             start_locals(self, *args, **kwargs)
         pyro_internals.check_param_store(self)
         # Runs inside whatever SVI step asked for the first sample: hide it from that trace.

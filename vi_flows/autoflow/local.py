@@ -17,10 +17,19 @@ a warning naming the site).
 
 The pseudo-observations come from a table per item or from a network of each item's data
 (:mod:`~vi_flows.autoflow.pseudo_observations`); with a subsampled plate one step reads and
-samples the items of its subsample only.
+samples the items of its subsample only. A local flow (any registered flow as a
+:class:`~vi_flows.flows.conditional.ConditionalFlow`) can follow the Gaussian, each item's own: its
+context is the item's row of a learned table (per item) or the encoder's hidden layer (amortised),
+as the Sylvester flows' encoder emits each data point's flow (van den Berg et al. 2018).
+
+Without a local flow, a draw is scored with the path-derivative gradient where ``fit`` asks for it
+(``path_derivative_log_prob``; Roeder et al. 2017): at the exact conditional posterior of a
+conjugate item its gradient vanishes for every draw, so a rarely visited item's parameters are not
+pushed about by noise between its visits.
 """
 
 import warnings
+from operator import attrgetter
 
 import pyro
 import pyro.distributions as dist
@@ -29,8 +38,12 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from pyro.infer.autoguide.utils import deep_setattr
 from torch.distributions import biject_to
+from torch.distributions.transforms import AffineTransform, ReshapeTransform
 
+from ..flows.conditional import ConditionalFlow
+from ..registry import build_flow
 from .pseudo_observations import Amortized, PerItem, full_size_value, plate_features
 from .sites import subsampled_plates
 
@@ -65,9 +78,11 @@ class LocalPosterior(PyroModule):
     :param model: the model, as the user wrote it.
     :param trace: a trace of the model at the initial point.
     :param dict local: ``{local site: the plates that make it local}``.
+    :param str flow: a flow spec for a local flow per item (None: the Gaussian alone), built with
+        ``flow_options`` as :func:`~vi_flows.build_flow` takes them.
     """
 
-    def __init__(self, model, trace, local, mode="per-item"):
+    def __init__(self, model, trace, local, mode="per-item", flow=None, flow_options=None):
         super().__init__()
         self._model = (model,)  # not a submodule: the model's parameters are the model's
         self.names = tuple(local)
@@ -83,9 +98,17 @@ class LocalPosterior(PyroModule):
             self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
             features = plate_features(trace, self.data_plates, self.plate_depth)
             self.pseudo_observations = Amortized(trace, self.names, features, local)
+            if flow is not None:
+                _check_items_are_events(trace, self.names, self.pseudo_observations.per_item_shapes)
         else:
             self.data_plates = ()
-            self.pseudo_observations = PerItem(trace, self.names)
+            self.pseudo_observations = PerItem(trace, self.names, context_dim=None if flow is None else PER_ITEM_CONTEXT)
+        self.flow_spec = flow
+        if flow is not None:
+            for name in self.names:
+                dim = max(_event_shape(trace.nodes[name]).numel(), 1)
+                conditional = ConditionalFlow(build_flow(flow, dim, **(flow_options or {})), dim, self.pseudo_observations.context_dim)
+                deep_setattr(self, "flows." + name, conditional)
         self.mean_field = [name for name in self.names if gaussian_prior(trace.nodes[name]["fn"]) is None]
         if self.mean_field:
             warnings.warn(
@@ -101,15 +124,18 @@ class LocalPosterior(PyroModule):
         """Item-wise posterior of local site ``name`` given the values its ``prior`` was built from
         (and, amortised, ``{plate: (items, F)}`` features of the current items)."""
         loc, precision = self.pseudo_observations(name, features)
-        gaussian = gaussian_prior(prior)
-        if gaussian is not None:
-            prior_loc, prior_scale = gaussian
-            prior_precision = prior_scale.pow(-2)
-            precision = prior_precision + precision
-            loc = (prior_precision * prior_loc + (precision - prior_precision) * loc) / precision
-        transform = biject_to(prior.support)
-        base = dist.Normal(loc, precision.rsqrt()).to_event(transform.domain.event_dim)
-        return dist.TransformedDistribution(base, transform.with_cache())
+        to_support = biject_to(prior.support).with_cache()
+        event_dim = to_support.domain.event_dim
+        item_loc, item_scale = _item_gaussian(prior, loc, precision)
+        if self.flow_spec is None:
+            detached = dist.Normal(*_item_gaussian(prior, loc.detach(), precision.detach())).to_event(event_dim)
+            return PathDerivativeGaussian(dist.Normal(item_loc, item_scale).to_event(event_dim), to_support, detached)
+        # The flow works on standardised coordinates, so that every family, rotations included,
+        # starts at the Gaussian the items started at.
+        flow = attrgetter(name)(self.flows).condition(self.pseudo_observations.context(name, features))
+        standard = dist.Normal(torch.zeros_like(item_loc), torch.ones_like(item_scale)).to_event(event_dim)
+        to_gaussian = AffineTransform(item_loc, item_scale, event_dim=event_dim)
+        return dist.TransformedDistribution(standard, [*_on_item_vectors(flow, standard.event_shape), to_gaussian, to_support])
 
     def evidence(self, name, prior, features=None):
         """``log N(a; m, s^2 + 1/beta)`` summed over the current items of local site ``name``: the
@@ -228,3 +254,59 @@ def _one_plate(name, plates):
             "items' data. Use local='per-item' for it."
         )
     return plates
+
+
+# A per-item flow's context: a learned row per item, this wide (its parameters vary in a space this big).
+PER_ITEM_CONTEXT = 8
+
+
+class PathDerivativeGaussian(dist.TransformedDistribution):
+    """A local site's Gaussian posterior pushed to its support that also scores its draws with the
+    path-derivative gradient (``path_derivative_log_prob``: its own parameters held fixed; the
+    globals' values, draws themselves, still carry their gradient)."""
+
+    def __init__(self, base, to_support, detached_base):
+        super().__init__(base, to_support)
+        self._detached = dist.TransformedDistribution(detached_base, to_support)
+
+    def path_derivative_log_prob(self, value):
+        return self._detached.log_prob(value)
+
+    def expand(self, batch_shape, _instance=None):  # a plate may broadcast it
+        return PathDerivativeGaussian(self.base_dist.expand(batch_shape), self.transforms[0], self._detached.base_dist.expand(batch_shape))
+
+
+def _item_gaussian(prior, loc, precision):
+    """``(loc, scale)`` of each item in unconstrained space: ``prior`` times ``N(loc, 1/precision)``
+    where the prior is Gaussian there, else ``N(loc, 1/precision)``."""
+    gaussian = gaussian_prior(prior)
+    if gaussian is not None:
+        prior_loc, prior_scale = gaussian
+        prior_precision = prior_scale.pow(-2)
+        precision = prior_precision + precision
+        loc = (prior_precision * prior_loc + (precision - prior_precision) * loc) / precision
+    return loc, precision.rsqrt()
+
+
+def _on_item_vectors(flow, event_shape):
+    """``flow`` (on each item's vector) between reshapes from and to the site's event shape."""
+    if len(event_shape) == 1:
+        return [flow]
+    dim = (max(event_shape.numel(), 1),)
+    return [ReshapeTransform(event_shape, dim), flow, ReshapeTransform(dim, event_shape)]
+
+
+def _event_shape(site):
+    """A site's event shape in unconstrained space."""
+    to_support = biject_to(site["fn"].support)
+    return to_support.inverse_shape(site["fn"].event_shape)
+
+
+def _check_items_are_events(trace, names, per_item_shapes):
+    for name in names:
+        if per_item_shapes[name] != _event_shape(trace.nodes[name]):
+            raise ValueError(
+                f"local site {name!r} has batch dimensions right of its amortised plate (its per-item shape "
+                f"{tuple(per_item_shapes[name])} is not its event shape), so a local flow cannot read one item's "
+                "coordinates; declare them with .to_event(...), or use local='per-item'."
+            )

@@ -28,19 +28,29 @@ HIDDEN = 64
 
 
 class PerItem(PyroModule):
-    """``locs`` and ``precisions`` tables per local site (see the module's docstring)."""
+    """``locs`` and ``precisions`` tables per local site (see the module's docstring); with a
+    ``context_dim``, also ``contexts``: a learned row of that width per item, for a local flow."""
 
-    def __init__(self, trace, names):
+    def __init__(self, trace, names, context_dim=None):
         super().__init__()
+        self.context_dim = context_dim
         for name in names:
             site = trace.nodes[name]
             loc = full_size_value(site)
             event_dim = site["fn"].event_dim
             deep_setattr(self, "locs." + name, PyroParam(loc, event_dim=event_dim))
             deep_setattr(self, "precisions." + name, PyroParam(torch.ones_like(loc), constraints.positive, event_dim=event_dim))
+            if context_dim is not None:
+                # Random, not zero: a flow's map of the context starts at zero and learns from these.
+                contexts = torch.randn(loc.shape[: loc.dim() - event_dim] + (context_dim,))
+                deep_setattr(self, "contexts." + name, PyroParam(contexts, event_dim=1))
 
     def forward(self, name, features=None):
         return attrgetter(name)(self.locs), attrgetter(name)(self.precisions)
+
+    def context(self, name, features=None):
+        """Each current item's context for a local flow, ``(*items, context_dim)``."""
+        return attrgetter(name)(self.contexts)
 
 
 class Amortized(PyroModule):
@@ -71,12 +81,19 @@ class Amortized(PyroModule):
         index = self._feature_index[plate]
         return (features - getattr(self, "feature_centre_" + index)) / getattr(self, "feature_spread_" + index)
 
+    context_dim = HIDDEN
+
     def forward(self, name, features):
         plate = self.plates[name]
         output = attrgetter(name)(self.encoders)(self.standardise(plate, features[plate]))
         loc, log_precision = output.chunk(2, dim=-1)
         shape = (len(output),) + self.per_item_shapes[name]
         return loc.reshape(shape), log_precision.clamp(max=30.0).exp().reshape(shape)
+
+    def context(self, name, features):
+        """Each current item's context for a local flow: its encoder's hidden layer, ``(items, HIDDEN)``."""
+        plate = self.plates[name]
+        return attrgetter(name)(self.encoders).hidden(self.standardise(plate, features[plate]))
 
 
 def plate_features(trace, plates, plate_depth):
@@ -119,8 +136,11 @@ class Encoder(nn.Module):
             self.affine.bias.copy_(start)
             self.correction[-1].weight.zero_()
 
+    def hidden(self, features):
+        return self.correction[1](self.correction[0](features))
+
     def forward(self, features):
-        return self.affine(features) + self.correction(features)
+        return self.affine(features) + self.correction[2](self.hidden(features))
 
 
 @torch.no_grad()

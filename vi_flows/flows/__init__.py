@@ -2,6 +2,7 @@
 `vi-flows flows` lists them."""
 
 from ..registry import register_flow
+from .affine import Affine
 from .base import FlowTransform
 from .householder import Householder
 from .iaf import IAF
@@ -10,6 +11,7 @@ from .radial import Radial
 from .sylvester import HouseholderSylvester, OrthogonalSylvester, TriangularSylvester
 
 BUILTIN_FLOWS = (
+    ("affine", Affine, "mu + exp(s) * z: a shift and scale per coordinate; per item, a Gaussian posterior (Kingma & Welling 2014)", ()),
     ("planar", Planar, "z + u tanh(w.z + b): bends space along a hyperplane (Rezende & Mohamed 2015)", ()),
     ("radial", Radial, "z + beta (z - z0) / (alpha + |z - z0|): contracts or expands around a point (Rezende & Mohamed 2015)", ()),
     ("householder", Householder, "volume-preserving product of reflections; rotates a learnable base (Tomczak & Welling 2016)", ()),
@@ -37,6 +39,7 @@ for _name, _family, _description, _aliases in BUILTIN_FLOWS:
     register_flow(_name, stackable=True, description=_description, aliases=_aliases)(_family)
 
 __all__ = [
+    "Affine",
     "BUILTIN_FLOWS",
     "FlowTransform",
     "Householder",

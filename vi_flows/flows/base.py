@@ -117,6 +117,18 @@ def forward_and_log_det(transform, x):
     return y, transform.log_abs_det_jacobian(x, y)
 
 
+def inverse(transform, y):
+    """The inverse of any transform at ``y``, without touching the caches of :class:`FlowTransform` parts
+    (as :func:`forward_and_log_det`)."""
+    if isinstance(transform, FlowTransform):
+        return transform._inverse(y)
+    if isinstance(transform, ComposeTransform):
+        for part in reversed(transform.parts):
+            y = inverse(part, y)
+        return y
+    return transform.inv(y)
+
+
 def flow_jacobian(flow, x):
     """Jacobian of a flow at the points ``x`` (shape ``(..., D)``) and the gradient of its log|det J| there.
 

@@ -44,6 +44,8 @@ class IAF(FlowTransform):
 
     log_scale_bounds = (-5.0, 3.0)
     gate_bias = 2.0  # the paper starts the gate near 1, so each layer starts close to the identity
+    # As a conditional flow, the context enters the MADE's hidden layer (Kingma et al. 2016).
+    conditioned = ("hidden_bias",)
 
     def __init__(self, dim, num_layers=1, hidden_dim=None, gated=False):
         super().__init__(dim, num_layers)
