@@ -216,6 +216,23 @@ def test_the_local_start_is_the_exact_posterior_of_a_conjugate_model(fresh_param
     assert torch.allclose(tables.precisions.theta, torch.full((30,), float(PER_GROUP)), rtol=1e-4)
 
 
+def test_the_local_start_reads_each_coordinates_own_curvature(fresh_param_store):
+    """Coordinates coupled in the likelihood, within an item's event and across sites: each starts at
+    its own diagonal curvature, 1 / 0.5^2, not the Hessian's row sum (which would count the couplings)."""
+
+    def coupled(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("items", len(data)):
+            z = pyro.sample("z", dist.Normal(torch.stack([mu, mu], -1), 1.0).to_event(1))
+            w = pyro.sample("w", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z.sum(-1) + w, 0.5), obs=data)
+
+    guide = AutoFlow(coupled, local="per-item").setup(torch.linspace(-2.0, 2.0, 12))
+    tables = guide.locals.pseudo_observations
+    torch.testing.assert_close(tables.precisions.z, torch.full((12, 2), 4.0))
+    torch.testing.assert_close(tables.precisions.w, torch.full((12,), 4.0))
+
+
 @pytest.mark.parametrize("target", ["eight_schools", "hierarchical_100"])
 def test_per_item_posteriors_fit_the_zoos_centred_hierarchies(fresh_param_store, target):
     """Issue 19's criterion against the exact moments (quadrature over tau): every mean within 0.1 sd,

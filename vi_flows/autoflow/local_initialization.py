@@ -7,11 +7,12 @@ Laplace approximation by the site's Gaussian prior :math:`N(m, s^2)` leaves the 
 :math:`u` the steps reached (:math:`a = (H u^* - m/s^2)/\beta` at the mode): the item's likelihood, Gaussian-approximated.
 Exact in one step where the likelihood is Gaussian (a conjugate hierarchy), and independent of where
 the globals start there, so a fit neither starts every item at the prior's guess nor waits for a
-subsampled item's turn to move it. Curvatures are taken per element (exact across items; within an
-item's event, the diagonal).
+subsampled item's turn to move it. Curvatures are the diagonal of each item's Hessian, one
+Hessian-vector product per coordinate of an item reading it in every item at once.
 """
 
 import functools
+import itertools
 from operator import attrgetter
 
 import torch
@@ -153,13 +154,14 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
             posterior.model(*args, **kwargs)
     indices = {plate: first.trace.nodes[plate]["value"] for plate in posterior.subsampled}
     unconstrained = {name: biject_to(posterior.supports[name]).inv(first.trace.nodes[name]["value"]).detach() for name in posterior.names}
+    probes = {name: _item_coordinate_probes(first.trace.nodes[name], unconstrained[name]) for name in posterior.names}
     for _ in range(NEWTON_STEPS):
-        gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs)
+        gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
         step = {name: torch.where(curvature[name] < 0, -gradient[name] / curvature[name], 0.1 * gradient[name]).clamp(-2.0, 2.0) for name in posterior.names}
         unconstrained = {name: (unconstrained[name] + step[name]).nan_to_num() for name in posterior.names}
         if max(value.abs().max().item() for value in step.values()) < 1e-4:
             break
-    gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs)
+    gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
     locs, precisions = {}, {}
     for name in posterior.names:
         prior_loc, prior_scale = gaussian_prior(trace.nodes[name]["fn"]) or (torch.zeros(()), torch.full((), float("inf")))
@@ -174,8 +176,9 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
     return locs, precisions, trace, indices
 
 
-def _derivatives(posterior, global_values, unconstrained, indices, *args, **kwargs):
-    """Gradient and diagonal curvature of the model's unscaled log joint in each local coordinate."""
+def _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs):
+    """Gradient and diagonal curvature of the model's unscaled log joint in each local coordinate;
+    ``probes[site]`` are :func:`_item_coordinate_probes`, one Hessian-vector product each."""
     with torch.enable_grad():
         leaves = {name: value.clone().requires_grad_() for name, value in unconstrained.items()}
         constrained, log_jacobian = {}, 0.0
@@ -186,11 +189,36 @@ def _derivatives(posterior, global_values, unconstrained, indices, *args, **kwar
         with poutine.block(), poutine.trace() as capture, LocalSampler(None, global_values, constrained, indices):
             posterior.model(*args, **kwargs)
         total = log_jacobian + sum(_unscaled_log_prob(site) for site in capture.trace.nodes.values() if _counts(site))
-        gradients = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
-        curvatures = torch.autograd.grad(sum(g.sum() for g in gradients), list(leaves.values()), allow_unused=True)
-    names = list(leaves)
-    curvature = {name: (c if c is not None else torch.zeros_like(leaves[name])).detach() for name, c in zip(names, curvatures)}
-    return {name: g.detach() for name, g in zip(names, gradients)}, curvature, capture.trace
+        gradients = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), create_graph=True)))
+        curvature = {}
+        for name, leaf in leaves.items():
+            curvature[name] = torch.zeros_like(leaf)
+            for probe in probes[name]:
+                (column,) = torch.autograd.grad((gradients[name] * probe).sum(), leaf, retain_graph=True, allow_unused=True)
+                if column is not None:
+                    curvature[name] += probe * column.detach()
+    return {name: g.detach() for name, g in gradients.items()}, curvature, capture.trace
+
+
+def _item_coordinate_probes(site, unconstrained):
+    """0/1 tensors shaped like a local site's unconstrained value, one per coordinate of an item (its
+    dimensions outside the site's plates), each one at that coordinate of every item: the items are
+    independent given the globals, so one Hessian-vector product with a probe reads that coordinate's
+    diagonal curvature in every item at once, where a product with all ones would add in the
+    cross-terms within an item and between sites."""
+    event_dim = biject_to(site["fn"].support).domain.event_dim
+    batch_dims = unconstrained.dim() - event_dim
+    plate_dims = {batch_dims + frame.dim for frame in site["cond_indep_stack"] if batch_dims + frame.dim >= 0}
+    inner = [dim for dim in range(unconstrained.dim()) if dim not in plate_dims]
+    probes = []
+    for coordinate in itertools.product(*(range(unconstrained.shape[dim]) for dim in inner)):
+        probe = torch.zeros_like(unconstrained)
+        index = [slice(None)] * unconstrained.dim()
+        for dim, position in zip(inner, coordinate):
+            index[dim] = position
+        probe[tuple(index)] = 1.0
+        probes.append(probe)
+    return probes
 
 
 def _counts(site):
