@@ -134,7 +134,9 @@ class LocalPosterior(PyroModule):
         # starts at the Gaussian the items started at.
         flow = attrgetter(name)(self.flows).condition(self.pseudo_observations.context(name, features))
         standard = dist.Normal(torch.zeros_like(item_loc), torch.ones_like(item_scale)).to_event(event_dim)
-        to_gaussian = AffineTransform(item_loc, item_scale, event_dim=event_dim)
+        # Every part caches its last pair, so that scoring a fresh draw walks back through the caches
+        # to the flow's own cache instead of running its (for some families iterative) inverse.
+        to_gaussian = AffineTransform(item_loc, item_scale, event_dim=event_dim, cache_size=1)
         return dist.TransformedDistribution(standard, [*_on_item_vectors(flow, standard.event_shape), to_gaussian, to_support])
 
     def evidence(self, name, prior, features=None):
@@ -293,7 +295,7 @@ def _on_item_vectors(flow, event_shape):
     if len(event_shape) == 1:
         return [flow]
     dim = (max(event_shape.numel(), 1),)
-    return [ReshapeTransform(event_shape, dim), flow, ReshapeTransform(dim, event_shape)]
+    return [ReshapeTransform(event_shape, dim, cache_size=1), flow, ReshapeTransform(dim, event_shape, cache_size=1)]
 
 
 def _event_shape(site):
