@@ -274,3 +274,30 @@ def _global_draws(guide, data):
     with torch.no_grad(), pyro.plate("draws", 20_000, dim=-3):
         trace = poutine.trace(guide).get_trace(data, 100)
     return {name: trace.nodes[name]["value"].reshape(-1) for name in ("mu", "tau")}
+
+
+def known_noise_model(data, noise, subsample_size=None):
+    """Groups with known, different noise scales: a conjugate hierarchy whose items' pseudo-observations
+    depend on the scales, which are not observed sites."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("groups", len(data), subsample_size=subsample_size) as index:
+        theta = pyro.sample("theta", dist.Normal(mu, TAU))
+        pyro.sample("y", dist.Normal(theta, noise[index]), obs=data[index])
+
+
+def test_an_amortised_encoder_reads_the_features_it_is_given(fresh_param_store):
+    """With each group's (mean, log noise scale) as its features, the amortised start is exact:
+    a = the datum, log beta = -2 log scale, both affine in the features."""
+    noise = torch.linspace(0.5, 3.0, 40)
+    data = 1.0 + noise * torch.randn(40)
+    features = torch.stack([data, noise.log()], -1)
+    guide = AutoFlow(known_noise_model, local="amortized", local_features={"groups": features}).setup(data, noise, 10)
+    loc, precision = guide.locals.pseudo_observations("theta", {"groups": features})
+    torch.testing.assert_close(loc, data, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(precision, noise.pow(-2), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="pass local='amortized'"):
+        AutoFlow(known_noise_model, local="per-item", local_features={"groups": features})
+    with pytest.raises(ValueError, match=r"names plate 'group'; the amortised local sites' plates are \['groups'\]"):
+        AutoFlow(known_noise_model, local="amortized", local_features={"group": features}).setup(data, noise, 10)
+    with pytest.raises(ValueError, match="plate 'groups' has 40 items: give one row"):
+        AutoFlow(known_noise_model, local="amortized", local_features={"groups": features[:30]}).setup(data, noise, 10)

@@ -97,6 +97,9 @@ class AutoFlow(AutoContinuous):
         (:class:`~vi_flows.flows.conditional.ConditionalFlow`): of the item's data (encoder) when
         amortised, of a learned row per item otherwise. None (default): the Gaussian alone.
     :param dict local_flow_options: options of the local flow, as :func:`vi_flows.build_flow` takes them.
+    :param dict local_features: with ``local="amortized"``, ``{plate: tensor}`` of one row (or one
+        number) per item of the plate, in its order: what the encoder reads of each item instead of
+        the values of the observed sites in its plate (say, a known measurement error).
     :param str name: the prefix of the guide's names in Pyro's param store; two guides of one name
         in one store read the same parameters (a clear error where their shapes differ).
     :param flow_options: passed to :func:`vi_flows.build_flow`, checked against the flows' own.
@@ -122,6 +125,7 @@ class AutoFlow(AutoContinuous):
         local: str = "auto",
         local_flow: str | None = None,
         local_flow_options: dict | None = None,
+        local_features: dict | None = None,
         name: str = "AutoFlow",
         **flow_options,
     ):
@@ -138,7 +142,10 @@ class AutoFlow(AutoContinuous):
             if local == "none":
                 raise ValueError("local_flow is a flow over each local item, and local='none' gives no item its own posterior")
             check_flow_options(local_flow, local_flow_options or {}, owner="AutoFlow's local_flow")
+        if local_features is not None and local != "amortized":
+            raise ValueError(f"local_features are what an amortised encoder reads: pass local='amortized' with them (got local={local!r})")
         self.local_flow, self._local_flow_options = local_flow, dict(local_flow_options or {})
+        self._local_features = local_features
         self.flow_spec, self.base_kind, self.init = flow, base, init
         self._init_scale = float(init_scale)
         self._use_non_centring = bool(non_centring)
@@ -179,7 +186,7 @@ class AutoFlow(AutoContinuous):
         if self.local_sites:
             plates = {name: plates for name, plates in local_sites(trace).items() if name in self.local_sites}
             mode = "amortized" if self.local_mode == "amortized" else "per-item"
-            self.locals = LocalPosterior(self._user_model[0], trace, plates, mode, self.local_flow, self._local_flow_options)
+            self.locals = LocalPosterior(self._user_model[0], trace, plates, mode, self.local_flow, self._local_flow_options, self._local_features)
             start_locals(self, *args, **kwargs)
         pyro_internals.check_param_store(self)
         # Runs inside whatever SVI step asked for the first sample: hide it from that trace.

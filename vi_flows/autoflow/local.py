@@ -44,7 +44,7 @@ from torch.distributions.transforms import AffineTransform, ReshapeTransform
 
 from ..flows.conditional import ConditionalFlow
 from ..registry import build_flow
-from .pseudo_observations import Amortized, PerItem, full_size_value, plate_features
+from .pseudo_observations import Amortized, PerItem, check_given_features, full_size_value, plate_features
 from .sites import subsampled_plates
 
 _WRAPPERS = (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
@@ -80,9 +80,11 @@ class LocalPosterior(PyroModule):
     :param dict local: ``{local site: the plates that make it local}``.
     :param str flow: a flow spec for a local flow per item (None: the Gaussian alone), built with
         ``flow_options`` as :func:`~vi_flows.build_flow` takes them.
+    :param dict features: ``{plate: (N, F) tensor}``, what an amortised encoder reads of each item
+        of the plate instead of its observed sites' values.
     """
 
-    def __init__(self, model, trace, local, mode="per-item", flow=None, flow_options=None):
+    def __init__(self, model, trace, local, mode="per-item", flow=None, flow_options=None, features=None):
         super().__init__()
         self._model = (model,)  # not a submodule: the model's parameters are the model's
         self.names = tuple(local)
@@ -96,12 +98,15 @@ class LocalPosterior(PyroModule):
         self.local_plates = {plate for plates in local.values() for plate in plates}
         if mode == "amortized":
             self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
-            features = plate_features(trace, self.data_plates, self.plate_depth)
+            self.given_features = check_given_features(features or {}, trace, self.data_plates)
+            features = self.item_features(trace)
             self.pseudo_observations = Amortized(trace, self.names, features, local)
             if flow is not None:
                 _check_items_are_events(trace, self.names, self.pseudo_observations.per_item_shapes)
         else:
-            self.data_plates = ()
+            if features:
+                raise ValueError("local_features are what an amortised encoder reads: pass local='amortized' with them")
+            self.data_plates, self.given_features = (), {}
             self.pseudo_observations = PerItem(trace, self.names, context_dim=None if flow is None else PER_ITEM_CONTEXT)
         self.flow_spec = flow
         if flow is not None:
@@ -139,6 +144,10 @@ class LocalPosterior(PyroModule):
         to_gaussian = AffineTransform(item_loc, item_scale, event_dim=event_dim, cache_size=1)
         return dist.TransformedDistribution(standard, [*_on_item_vectors(flow, standard.event_shape), to_gaussian, to_support])
 
+    def item_features(self, trace):
+        """``{plate: (items, F)}``: what the encoders read of the items of a model run's subsample."""
+        return plate_features(trace, self.data_plates, self.plate_depth, self.given_features)
+
     def evidence(self, name, prior, features=None):
         """``log N(a; m, s^2 + 1/beta)`` summed over the current items of local site ``name``: the
         log-likelihood of the globals behind ``prior`` that its pseudo-observations stand for, the
@@ -163,7 +172,7 @@ class LocalPosterior(PyroModule):
             with poutine.block(), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
                 self.model(*args, **kwargs)
             indices = {plate: data_run.trace.nodes[plate]["value"] for plate in self.subsampled}
-            features = plate_features(data_run.trace, self.data_plates, self.plate_depth)
+            features = self.item_features(data_run.trace)
         local = set(self.names)
 
         def hidden(msg):

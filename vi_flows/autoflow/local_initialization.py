@@ -22,7 +22,7 @@ from torch.distributions import biject_to
 
 from ..pyro_internals import unconstrained_param, unpack_latent
 from .local import LocalSampler, gaussian_prior
-from .pseudo_observations import PerItem, plate_features
+from .pseudo_observations import PerItem
 
 NEWTON_STEPS = 8
 # The globals' Laplace start reads the items of at most this many subsamples.
@@ -49,7 +49,7 @@ def start_locals(guide, *args, **kwargs):
             for name in posterior.names:
                 _write_rows(posterior, name, indices, locs[name], precisions[name])
         else:
-            rows.append((plate_features(trace, posterior.data_plates, posterior.plate_depth), locs, precisions))
+            rows.append((posterior.item_features(trace), locs, precisions))
     if rows:
         _fit_encoders(posterior, rows)
 

@@ -96,13 +96,17 @@ class Amortized(PyroModule):
         return attrgetter(name)(self.encoders).hidden(self.standardise(plate, features[plate]))
 
 
-def plate_features(trace, plates, plate_depth):
+def plate_features(trace, plates, plate_depth, given=None):
     """``{plate: (items, F)}``: the values of the observed sites in each of ``plates``, one row per
     item of the trace's subsample (all of the item's values in the model's other plates and its
-    event, flattened), joined in the order the model observes them. ``plate_depth`` is how many
+    event, flattened), joined in the order the model observes them; or, for a plate in ``given``
+    (:func:`check_given_features`), its rows for the subsample's items. ``plate_depth`` is how many
     plates deep the model goes: dimensions left of those (particles) are not data."""
     features = {}
     for plate in plates:
+        if given and plate in given:
+            features[plate] = given[plate][trace.nodes[plate]["value"]]
+            continue
         rows = []
         for name, site in trace.nodes.items():
             frame = next((frame for frame in site.get("cond_indep_stack", ()) if frame.name == plate), None)
@@ -121,6 +125,25 @@ def plate_features(trace, plates, plate_depth):
             )
         features[plate] = torch.cat(rows, -1).detach().to(torch.get_default_dtype())
     return features
+
+
+def check_given_features(given, trace, plates):
+    """A user's ``{plate: features}``, one row per item of each plate (``(N,)`` or ``(N, F)``), as
+    ``(N, F)`` tensors; a clear error for a plate that is not amortised or a size that is not the plate's."""
+    checked = {}
+    for plate, features in given.items():
+        if plate not in plates:
+            raise ValueError(f"local_features names plate {plate!r}; the amortised local sites' plates are {list(plates)}")
+        features = torch.as_tensor(features).detach().to(torch.get_default_dtype())
+        frames = (frame for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ()) if frame.name == plate)
+        full_size = next(frame.full_size or frame.size for frame in frames)
+        if features.dim() not in (1, 2) or len(features) != full_size:
+            raise ValueError(
+                f"local_features[{plate!r}] has shape {tuple(features.shape)}; plate {plate!r} has {full_size} items: "
+                "give one row (or one number) per item, in the plate's order"
+            )
+        checked[plate] = features.reshape(full_size, -1)
+    return checked
 
 
 class Encoder(nn.Module):
