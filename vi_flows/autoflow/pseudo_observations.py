@@ -134,7 +134,8 @@ def check_given_features(given, trace, plates):
     for plate, features in given.items():
         if plate not in plates:
             raise ValueError(f"local_features names plate {plate!r}; the amortised local sites' plates are {list(plates)}")
-        features = torch.as_tensor(features).detach().to(torch.get_default_dtype())
+        index = trace.nodes[plate]["value"]  # the subsample's indices, on the model's device
+        features = torch.as_tensor(features).detach().to(device=index.device, dtype=torch.get_default_dtype())
         frames = (frame for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ()) if frame.name == plate)
         full_size = next(frame.full_size or frame.size for frame in frames)
         if features.dim() not in (1, 2) or len(features) != full_size:
