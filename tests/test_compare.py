@@ -283,3 +283,24 @@ def test_the_reference_keeps_its_chains_in_arviz():
     result.reference_report = {"num_chains": 2}  # as nuts_reference reports two chains of 200
     posterior = result.inference_data(num_samples=50)["reference"].posterior
     assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == 200
+
+
+def test_compare_on_a_subsampled_model_scores_what_it_can_and_says_what_it_cannot():
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+
+    data = torch.randn(60)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", len(data), subsample_size=20) as index:
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=data[index])
+
+    result = compare(model, guides=("meanfield", "fullrank", "planar"), num_steps=20, num_draws=200, quiet=True)
+    assert "NUTS cannot run" in result.reference_skipped and not result.reference
+    assert isinstance(result.guides["meanfield"], AutoNormal)  # a parameter per item, read by subsample
+    assert "cannot be fitted a subsample at a time" in str(result.errors["fullrank"])
+    table = result.table.loc[["meanfield", "planar"]]
+    assert np.isfinite(table["elbo"]).all() and table["khat"].isna().all() and table["iw_elbo"].isna().all()

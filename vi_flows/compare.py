@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from .arviz_export import to_inference_data
+from .compiled_elbo import is_subsampled
 from .diagnostics import (
     elbo_estimate,
     iw_elbo,
@@ -26,11 +27,16 @@ from .draws import guide_moments, log_density_at, sample_constrained
 DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
 
 
-def make_guide(name, model):
-    """``"meanfield"`` and ``"fullrank"`` are Pyro's Gaussian autoguides; any other name is a flow spec."""
+def make_guide(name, model, subsampled=False):
+    """``"meanfield"`` and ``"fullrank"`` are Pyro's Gaussian autoguides; any other name is a flow spec.
+    A ``subsampled`` model's mean-field guide is Pyro's ``AutoNormal``, which keeps a parameter per
+    item and reads the subsample's (``AutoDiagonalNormal`` would give every subsample the same
+    parameters); a full-rank one over items seen a subsample at a time is refused."""
     if name == "meanfield":
-        return AutoDiagonalNormal(model)
+        return AutoNormal(model) if subsampled else AutoDiagonalNormal(model)
     if name == "fullrank":
+        if subsampled:
+            raise ValueError("a full-rank Gaussian over every item cannot be fitted a subsample at a time; AutoFlow's per-item locals can")
         return AutoMultivariateNormal(model)
     return AutoFlow(model, flow=name)
 
@@ -49,6 +55,7 @@ class CompareResult:
     fits: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
     reference_report: dict = field(default_factory=dict)
+    reference_skipped: str = ""  # why there is no reference, where compare could not make one
     errors: dict = field(default_factory=dict)
     model: object = None
     args: tuple = ()
@@ -95,6 +102,12 @@ class CompareResult:
         )
 
 
+SUBSAMPLED_REFERENCE = (
+    "NUTS cannot run a model whose plate reads a subsample; compare a version without subsampling "
+    "(the same guide reads it) for a reference, means, sds and k-hat"
+)
+
+
 @dataclass
 class Scoring:
     """How :func:`compare` scores a fitted guide: ``num_draws`` of its draws, against ``reference``
@@ -106,6 +119,7 @@ class Scoring:
     num_draws: int = 4096
     reference_moments: dict = None
     moment_draws: int = None
+    subsampled: bool = False  # the model reads a subsample: its log weights carry the subsample's noise
 
 
 def _score(model, guide, fitted, scoring, args, kwargs):
@@ -117,14 +131,16 @@ def _score(model, guide, fitted, scoring, args, kwargs):
     def draw_log_weights(num):
         return drawn.pop() if drawn else log_importance_weights(model, guide, *args, num_samples=num, **kwargs)
 
-    khat, khat_draws = stable_khat(draw_log_weights, scoring.num_draws)
+    # A subsampled model's log weights are unbiased for the full data's only in their mean: the
+    # IW-ELBO and k-hat would read the subsample's noise as the guide's misfit.
+    khat, khat_draws = stable_khat(draw_log_weights, scoring.num_draws) if not scoring.subsampled else (math.nan, 0)
     row = {
         "elbo": elbo,
         "elbo_se": elbo_se,
-        "iw_elbo": iw_elbo(log_weights),
+        "iw_elbo": iw_elbo(log_weights) if not scoring.subsampled else math.nan,
         "khat": khat,
         "khat_draws": khat_draws,
-        "khat_reading": khat_reading(khat),
+        "khat_reading": khat_reading(khat) if not scoring.subsampled else "not read: subsampled",
         "kl": scoring.log_z - elbo if scoring.log_z is not None else math.nan,
         **dict.fromkeys(["worst_mean_error", "sd_ratio_min", "sd_ratio_max", "mean_log_q_at_reference"], math.nan),
         "steps": fitted.num_steps,
@@ -192,22 +208,31 @@ def compare(
         range of sd ratios and the mean log q at the reference draws (mass-covering: a guide that
         misses part of the posterior scores badly) in the constrained space, the fit's steps,
         rollbacks (:func:`vi_flows.fit`) and time. A guide that fails gets a row of NaNs and its
-        error in ``errors``; the others go on. Nothing is printed.
+        error in ``errors``; the others go on. Nothing is printed. On a model that reads a
+        subsample of a plate, NUTS cannot run (``reference_skipped`` says so) and the IW-ELBO and
+        k-hat are NaN: the ELBO's estimate is unbiased for the full data's, they would read the
+        subsample's noise as misfit.
     """
     import pandas
 
     result = CompareResult(table=None, model=model, args=args, kwargs=kwargs)
+    subsampled = is_subsampled(model, *args, **kwargs)
     if isinstance(reference, str):
         if reference != "nuts":
             raise ValueError(f"reference must be 'nuts', None or a dict of draws, got {reference!r}")
-        reference, result.reference_report = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
+        if subsampled:
+            reference, result.reference_skipped = None, SUBSAMPLED_REFERENCE
+        else:
+            reference, result.reference_report = nuts_reference(model, *args, seed=seed, quiet=quiet, **kwargs)
     result.reference = reference or {}
-    scoring = Scoring(result.reference, log_z, num_draws, reference_moments, moment_draws)
+    if subsampled and result.reference:
+        raise ValueError(f"reference draws score every item, and the model reads a subsample: {SUBSAMPLED_REFERENCE}")
+    scoring = Scoring(result.reference, log_z, num_draws, reference_moments, moment_draws, subsampled)
     rows, per_parameter = [], []
     for name, spec in guides.items() if isinstance(guides, dict) else [(name, name) for name in guides]:
         pyro.clear_param_store()
-        guide = spec(model) if callable(spec) else make_guide(spec, model)
         try:
+            guide = spec(model) if callable(spec) else make_guide(spec, model, subsampled)
             fitted = fit(model, guide, *args, num_steps=num_steps, seed=seed, progress=not quiet, **kwargs)
             row, parameters = _score(model, guide, fitted, scoring, args, kwargs)
             result.guides[name], result.fits[name] = guide, fitted

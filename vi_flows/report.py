@@ -82,6 +82,8 @@ def run_compare(
         reference_moments=reference_moments(source) if sample_posterior is not None else None,
         moment_draws=COMPARE_MOMENT_DRAWS if sample_posterior is not None else None,
     )
+    if result.reference_skipped:
+        say(f"no reference: {result.reference_skipped}")
     if result.reference_report:
         report = result.reference_report
         made = "from the cache" if report["cached"] else f"in {report['seconds']:.1f} s"
