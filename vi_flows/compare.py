@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 
 from .arviz_export import to_inference_data
 from .compiled_elbo import is_subsampled
@@ -22,6 +23,7 @@ from .diagnostics import (
 from .fitting import fit
 from .reference import nuts_reference
 from .autoflow import DEFAULT_FLOW, AutoFlow
+from .autoflow.initialization import InitWithFallback
 from .draws import guide_moments, log_density_at, sample_constrained
 
 DEFAULT_GUIDES = ("meanfield", "fullrank", DEFAULT_FLOW)
@@ -216,7 +218,8 @@ def compare(
     import pandas
 
     result = CompareResult(table=None, model=model, args=args, kwargs=kwargs)
-    subsampled = is_subsampled(model, *args, **kwargs)
+    # A run that samples nothing: ImproperUniform sites cannot be sampled.
+    subsampled = is_subsampled(InitMessenger(InitWithFallback(init_to_feasible))(model), *args, **kwargs)
     if isinstance(reference, str):
         if reference != "nuts":
             raise ValueError(f"reference must be 'nuts', None or a dict of draws, got {reference!r}")
