@@ -44,25 +44,9 @@ from torch.distributions.transforms import AffineTransform, ReshapeTransform
 
 from ..flows.conditional import ConditionalFlow
 from ..registry import build_flow
+from .local_gaussian import PathDerivativeGaussian, gaussian_prior, item_gaussian
 from .pseudo_observations import Amortized, PerItem, check_given_features, full_size_value, plate_features
 from .sites import subsampled_plates
-
-_WRAPPERS = (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
-
-
-def gaussian_prior(prior):
-    """``(loc, scale)`` of ``prior`` in its unconstrained space, broadcast to its shape, where it is
-    Gaussian there (``Normal``, ``LogNormal``, under ``expand``, ``to_event``, ``mask``); else None."""
-    fn = prior
-    while isinstance(fn, _WRAPPERS):
-        fn = fn.base_dist
-    if isinstance(fn, dist.LogNormal):
-        fn = fn.base_dist
-    elif not isinstance(fn, dist.Normal):
-        return None
-    shape = prior.shape()
-    return fn.loc.expand(shape), fn.scale.expand(shape)
-
 
 class LocalPosterior(PyroModule):
     r"""The local sites' posteriors (see the module's docstring), their pseudo-observations from
@@ -131,9 +115,9 @@ class LocalPosterior(PyroModule):
         loc, precision = self.pseudo_observations(name, features)
         to_support = biject_to(prior.support).with_cache()
         event_dim = to_support.domain.event_dim
-        item_loc, item_scale = _item_gaussian(prior, loc, precision)
+        item_loc, item_scale = item_gaussian(prior, loc, precision)
         if self.flow_spec is None:
-            detached = dist.Normal(*_item_gaussian(prior, loc.detach(), precision.detach())).to_event(event_dim)
+            detached = dist.Normal(*item_gaussian(prior, loc.detach(), precision.detach())).to_event(event_dim)
             return PathDerivativeGaussian(dist.Normal(item_loc, item_scale).to_event(event_dim), to_support, detached)
         # The flow works on standardised coordinates, so that every family, rotations included,
         # starts at the Gaussian the items started at.
@@ -269,34 +253,6 @@ def _one_plate(name, plates):
 
 # A per-item flow's context: a learned row per item, this wide (its parameters vary in a space this big).
 PER_ITEM_CONTEXT = 8
-
-
-class PathDerivativeGaussian(dist.TransformedDistribution):
-    """A local site's Gaussian posterior pushed to its support that also scores its draws with the
-    path-derivative gradient (``path_derivative_log_prob``: its own parameters held fixed; the
-    globals' values, draws themselves, still carry their gradient)."""
-
-    def __init__(self, base, to_support, detached_base):
-        super().__init__(base, to_support)
-        self._detached = dist.TransformedDistribution(detached_base, to_support)
-
-    def path_derivative_log_prob(self, value):
-        return self._detached.log_prob(value)
-
-    def expand(self, batch_shape, _instance=None):  # a plate may broadcast it
-        return PathDerivativeGaussian(self.base_dist.expand(batch_shape), self.transforms[0], self._detached.base_dist.expand(batch_shape))
-
-
-def _item_gaussian(prior, loc, precision):
-    """``(loc, scale)`` of each item in unconstrained space: ``prior`` times ``N(loc, 1/precision)``
-    where the prior is Gaussian there, else ``N(loc, 1/precision)``."""
-    gaussian = gaussian_prior(prior)
-    if gaussian is not None:
-        prior_loc, prior_scale = gaussian
-        prior_precision = prior_scale.pow(-2)
-        precision = prior_precision + precision
-        loc = (prior_precision * prior_loc + (precision - prior_precision) * loc) / precision
-    return loc, precision.rsqrt()
 
 
 def _on_item_vectors(flow, event_shape):

@@ -21,7 +21,8 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from ..pyro_internals import unconstrained_param, unpack_latent
-from .local import LocalSampler, gaussian_prior
+from .local import LocalSampler
+from .local_gaussian import gaussian_prior
 from .pseudo_observations import PerItem
 
 NEWTON_STEPS = 8
