@@ -99,7 +99,7 @@ def step_table(sizes=(10**3, 10**4, 10**5, 10**6), kinds=("AutoNormal", "AutoFlo
         print(f"{size:>9} {cells} {ratios}", flush=True)
 
 
-def fit_at_scale(num_groups=10**5, local="auto", seed=0, mean_field=True):
+def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True):
     """The default fit (on ``seed``), subsampled, against a full-batch mean-field fit of the same model."""
     torch.set_num_threads(1)
     pyro.clear_param_store()
@@ -123,7 +123,7 @@ def fit_at_scale(num_groups=10**5, local="auto", seed=0, mean_field=True):
     report["exact"] = exact_posterior(make_data(num_groups))
     report["errors_in_exact_sds"] = {name: (report[name][0] - mean) / sd for name, (mean, sd) in report["exact"].items()}
     report["sd_ratios"] = {name: report[name][1] / sd for name, (mean, sd) in report["exact"].items()}
-    if not mean_field:
+    if not with_mean_field:
         return report
     pyro.clear_param_store()
     full = make_model(num_groups, subsample_size=None)
@@ -155,7 +155,7 @@ def main(argv=None):
     if args.what in ("fit", "all"):
         local, *seeds = args.rest or ["auto"]
         for index, seed in enumerate(seeds or ["0"]):
-            print(json.dumps(fit_at_scale(local=local, seed=int(seed), mean_field=index == 0), indent=1), flush=True)
+            print(json.dumps(fit_at_scale(local=local, seed=int(seed), with_mean_field=index == 0), indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -301,3 +301,10 @@ def test_an_amortised_encoder_reads_the_features_it_is_given(fresh_param_store):
         AutoFlow(known_noise_model, local="amortized", local_features={"group": features}).setup(data, noise, 10)
     with pytest.raises(ValueError, match="plate 'groups' has 40 items: give one row"):
         AutoFlow(known_noise_model, local="amortized", local_features={"groups": features[:30]}).setup(data, noise, 10)
+
+    def no_plates(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        pyro.sample("y", dist.Normal(mu, 1.0).expand(data.shape).to_event(1), obs=data)
+
+    with pytest.raises(ValueError, match="the model has none"):
+        AutoFlow(no_plates, local="amortized", local_features={"groups": features}).setup(data)

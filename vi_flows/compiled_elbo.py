@@ -31,7 +31,7 @@ def first_score_function_site(guide, *args, **kwargs):
 
 
 def is_subsampled(guide, *args, **kwargs):
-    """Whether ``guide`` (and so the model, which replays it) reads a subsample of a plate."""
+    """Whether ``guide`` (and so the model, which replays it), or a model, reads a subsample of a plate."""
     with torch.no_grad(), poutine.block(), poutine.trace() as guide_trace:
         guide(*args, **kwargs)
     return any(

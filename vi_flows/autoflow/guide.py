@@ -164,6 +164,8 @@ class AutoFlow(AutoContinuous):
     def _setup_prototype(self, *args, **kwargs):
         trace = poutine.block(poutine.trace(self.model).get_trace)(*args, **kwargs)
         self.local_sites = self._choose_local_sites(trace)
+        if self._local_features is not None and not self.local_sites:
+            raise ValueError("local_features are read for local latents, and the model has none (no latent in a plate that holds data or is subsampled)")
         if self.local_sites:
             self._prototype_hide_fn = functools.partial(_hide_sites, frozenset(self.local_sites))
         try:

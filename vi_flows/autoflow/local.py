@@ -88,8 +88,6 @@ class LocalPosterior(PyroModule):
             if flow is not None:
                 _check_items_are_events(trace, self.names, self.pseudo_observations.per_item_shapes)
         else:
-            if features:
-                raise ValueError("local_features are what an amortised encoder reads: pass local='amortized' with them")
             self.data_plates, self.given_features = (), {}
             self.pseudo_observations = PerItem(trace, self.names, context_dim=None if flow is None else PER_ITEM_CONTEXT)
         self.flow_spec = flow
