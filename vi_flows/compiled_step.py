@@ -14,27 +14,32 @@ import warnings
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .clipping import clip_gradient
 from .compiled_elbo import CompileError
+from .item_steps import lazy_mask
 from .messages import first_line
 
 
 class CompiledAdamStep:
     """``step(lr)``: one step of Adam (``optimizer``'s betas and eps) on the gradient of
-    ``loss_graph(*params)`` clipped elementwise to ``[-clip_norm, clip_norm]``, updating ``params``
+    ``loss_graph(*params)`` clipped elementwise (:func:`~vi_flows.clipping.clip_gradient`), updating ``params``
     and ``optimizer``'s state in place, through one graph compiled with ``backend`` (None: the
     traced graph, uncompiled, which draws what eager mode draws). Returns the loss before the step.
+    The per-item ``tables`` among ``params`` are stepped lazily (:mod:`~vi_flows.item_steps`), and
+    with ``noise_clip`` the clip follows the gradient's noise (:mod:`~vi_flows.clipping`).
 
     The graph is traced, and run once (which compiles it), on copies of its inputs.
     Raises :class:`~vi_flows.CompileError` where tracing or compiling fails.
     """
 
-    def __init__(self, loss_graph, params, optimizer, clip_norm, backend="inductor"):
+    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor"):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
             raise ValueError("CompiledAdamStep takes plain Adam over one parameter group")
         self.params, self.optimizer = params, optimizer
         self._lr = torch.zeros((), dtype=torch.float64)
-        update = _adam_update(loss_graph, len(params), *group["betas"], group["eps"], clip_norm)
+        lazy = [any(param is table for table in tables) for param in params]
+        update = _adam_update(loss_graph, len(params), lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
         with torch.no_grad():
             for param in params:
                 _init_adam_state(optimizer, param)
@@ -80,9 +85,10 @@ def _init_adam_state(optimizer, param):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def _adam_update(loss_graph, count, beta1, beta2, eps, clip_norm):
+def _adam_update(loss_graph, count, lazy, beta1, beta2, eps, clip_norm, noise_clip):
     """The function of (params, first moments, second moments, step count, lr) that returns the loss
-    and updates params and moments in place, with torch.optim.Adam's arithmetic."""
+    and updates params and moments in place, with torch.optim.Adam's arithmetic; lazily
+    (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true."""
 
     def update(*inputs):
         params, averages, squares = inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count]
@@ -93,11 +99,19 @@ def _adam_update(loss_graph, count, beta1, beta2, eps, clip_norm):
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
         with torch.no_grad():  # in place: the compiled graph writes the new values into its inputs
-            for param, gradient, average, square in zip(params, gradients, averages, squares):
-                gradient = gradient.clamp(-clip_norm, clip_norm)
-                average.lerp_(gradient, 1 - beta1)
-                square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                param.sub_(step_size * average / (square.sqrt() / root_correction + eps))
+            for param, gradient, average, square, is_lazy in zip(params, gradients, averages, squares, lazy):
+                mask = lazy_mask(gradient) if is_lazy else None
+                gradient = clip_gradient(gradient, square, step, beta2, clip_norm, noise_clip)
+                if mask is None:
+                    average.lerp_(gradient, 1 - beta1)
+                    square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                    param.sub_(step_size * average / (square.sqrt() / root_correction + eps))
+                    continue
+                new_average = average.lerp(gradient, 1 - beta1)
+                new_square = square * beta2 + (1 - beta2) * gradient * gradient
+                new_param = param - step_size * new_average / (new_square.sqrt() / root_correction + eps)
+                for tensor, new in ((param, new_param), (average, new_average), (square, new_square)):
+                    tensor.copy_(torch.where(mask, new, tensor))
         return loss.detach()
 
     return update

@@ -9,8 +9,10 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from .clipping import clip_gradient
 from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
 from .compiled_step import CompiledAdamStep
+from .item_steps import lazy_adam_step
 from .particles import choose
 from .pyro_internals import trained_parameters
 from .threads import fastest_threads, intra_op_threads
@@ -21,7 +23,9 @@ class ELBOStep:
     (:func:`~vi_flows.compiled_elbo.negative_elbo`, with the path-derivative gradient as
     ``sticking_the_landing`` says; Pyro's ``Trace_ELBO`` for guides with sites that are not
     reparameterised), its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's
-    ``ClippedAdam`` does) and an Adam update of every parameter that model and guide read.
+    ``ClippedAdam`` does; on a subsampled plate, not below the noise: :mod:`~vi_flows.clipping`) and
+    an Adam update of every parameter that model and guide read, lazy on the guide's per-item
+    tables (``guide.item_tables()``, :mod:`~vi_flows.item_steps`).
 
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
@@ -57,6 +61,7 @@ class ELBOStep:
         self.params = trained_parameters(self.loss)
         _warn_about_untrained(guide, self.params)
         self.num_threads = self._threads(threads)
+        self.tables = _item_tables(guide, self.params)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
         self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
@@ -68,7 +73,7 @@ class ELBOStep:
                     graph = trace_negative_elbo(
                         model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
                     )
-                    self._compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, clip_norm)
+                    self._compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, clip_norm, self.tables, self.subsampled)
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:
@@ -103,10 +108,28 @@ class ELBOStep:
             group["lr"] = lr
         loss = self.loss()
         loss.backward()
-        torch.nn.utils.clip_grad_value_(self.params, self.clip_norm)
-        self.optimizer.step()
+        _clip_eagerly(self)
+        lazy_adam_step(self.optimizer, self.tables)
         self.optimizer.zero_grad()
         return loss.item()
+
+
+def _clip_eagerly(step):
+    """Clip the gradients in place as the compiled step does (:mod:`~vi_flows.clipping`)."""
+    beta2 = step.optimizer.param_groups[0]["betas"][1]
+    with torch.no_grad():
+        for param in (param for param in step.params if param.grad is not None):
+            state = step.optimizer.state.get(param)
+            square = state["exp_avg_sq"] if state else torch.zeros_like(param)
+            count = (state["step"] if state else torch.zeros(())).to(torch.float64) + 1
+            param.grad.copy_(clip_gradient(param.grad, square, count, beta2, step.clip_norm, step.subsampled))
+
+
+def _item_tables(guide, params):
+    """The guide's per-item tables that are trained, which Adam steps lazily (:mod:`~vi_flows.item_steps`)."""
+    trained = {id(param) for param in params}
+    tables = getattr(guide, "item_tables", None)
+    return [table for table in (tables() if tables is not None else []) if id(table) in trained]
 
 
 def _warn_unless_broadcast(particles):

@@ -85,7 +85,9 @@ def fit(
     Without, it decays on plateaus: whenever :func:`has_converged` says a ``window`` of steps did
     not improve on the one before, the rate is multiplied by ``plateau_factor``, and fitting stops
     at the ``num_plateaus``-th plateau (or at ``max_steps``). The optimiser is Adam with every
-    gradient element clipped to ``[-clip_norm, clip_norm]`` (what Pyro's ``ClippedAdam`` does).
+    gradient element clipped to ``[-clip_norm, clip_norm]`` (what Pyro's ``ClippedAdam`` does); on a
+    subsampled plate the bound grows with the gradient's noise (:mod:`~vi_flows.clipping`), and
+    Adam steps a guide's per-item tables lazily (:mod:`~vi_flows.item_steps`).
 
     ``num_particles`` defaults to 64: on the zoo's small and medium models a vectorised step costs
     about the same with 64 particles as with 8 (Python overhead dominates), and the less noisy

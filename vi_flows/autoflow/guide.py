@@ -219,6 +219,11 @@ class AutoFlow(AutoContinuous):
             values.update(self.locals(values, *args, **kwargs))
         return values
 
+    def item_tables(self):
+        """The local posteriors' per-item tables, which ``fit`` steps lazily (:mod:`~vi_flows.item_steps`)."""
+        tables = getattr(getattr(self.locals, "pseudo_observations", None), "tables", None)
+        return tables() if tables is not None else []
+
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`
         (a Laplace approximation), re-linearising the non-centring there."""

@@ -60,9 +60,10 @@ def laplace_approximation(guide, *args, max_iter=1000, **kwargs):
     optimizer = torch.optim.LBFGS([mode], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
-        optimizer.zero_grad()
         loss = potential(mode)
-        loss.backward()
+        # The mode's gradient only: backward() would also leave one on every parameter the
+        # potential reads (the local tables), for the fit's first step to add to its own.
+        (mode.grad,) = torch.autograd.grad(loss, mode)
         return loss
 
     try:

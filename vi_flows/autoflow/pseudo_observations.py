@@ -52,6 +52,10 @@ class PerItem(PyroModule):
         """Each current item's context for a local flow, ``(*items, context_dim)``."""
         return attrgetter(name)(self.contexts)
 
+    def tables(self):
+        """The per-item tables, as the leaf tensors trained: Adam steps them lazily (:mod:`~vi_flows.item_steps`)."""
+        return list(self.parameters())
+
 
 class Amortized(PyroModule):
     """One encoder per local site: an item's features to its pseudo-observation (see the module's
