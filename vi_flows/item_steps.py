@@ -24,6 +24,7 @@ def lazy_mask(gradient):
 def lazy_adam_step(optimizer, tables):
     """``optimizer.step()`` (a ``torch.optim.Adam``), then each of ``tables`` (among its parameters)
     put back, with its moments, where its gradient is zero: the items outside this step's subsample."""
+    tables = [table for table in tables if table.grad is not None]  # Adam leaves the others alone
     masks = [lazy_mask(table.grad) for table in tables]
     before = [[table.clone()] + [optimizer.state[table].get(key, torch.zeros_like(table)).clone() for key in MOMENTS] for table in tables]
     optimizer.step()
