@@ -12,18 +12,18 @@ from vi_flows.compiled_elbo import trace_negative_elbo
 from vi_flows.compiled_step import CompiledAdamStep
 from vi_flows.elbo_step import ELBOStep
 
-GROUPS, PER_GROUP = 1000, 5
+GROUPS, PER_GROUP, SUBSAMPLE = 1000, 5, 50
 
 
-def hierarchical(subsample_size=50):
-    """tau latent, theta in a plate of GROUPS groups (subsampled), PER_GROUP unit-noise observations each."""
+def hierarchical():
+    """tau latent, theta in a plate of GROUPS groups subsampled to SUBSAMPLE, PER_GROUP unit-noise observations each."""
     generator = torch.Generator().manual_seed(0)
     data = 1.0 + 0.5 * torch.randn(GROUPS, 1, generator=generator) + torch.randn(GROUPS, PER_GROUP, generator=generator)
 
     def model():
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         tau = pyro.sample("tau", dist.HalfNormal(5.0))
-        with pyro.plate("groups", GROUPS, subsample_size=subsample_size, dim=-2) as index:
+        with pyro.plate("groups", GROUPS, subsample_size=SUBSAMPLE, dim=-2) as index:
             theta = pyro.sample("theta", dist.Normal(mu, tau))
             with pyro.plate("observations", PER_GROUP, dim=-1):
                 pyro.sample("y", dist.Normal(theta, 1.0), obs=data[index])
@@ -31,12 +31,12 @@ def hierarchical(subsample_size=50):
     return model
 
 
-def _step(model, clip_norm=10.0, num_particles=8):
+def _step(model, clip_norm=10.0):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoFlow(model, local="per-item")
     guide.setup()
-    step = ELBOStep(model, guide, num_particles=num_particles, max_plate_nesting=2, sticking_the_landing=True, clip_norm=clip_norm, threads=1)
+    step = ELBOStep(model, guide, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, clip_norm=clip_norm, threads=1)
     return guide, step
 
 
@@ -54,7 +54,7 @@ def test_a_step_leaves_the_items_outside_its_subsample_and_their_moments_alone()
         step(1e-2)
         for table, old, moment in zip(tables, before, moments):
             moved = (table != old).squeeze(-1)
-            assert 0 < moved.sum() <= 50  # the subsample's items, at most
+            assert 0 < moved.sum() <= SUBSAMPLE  # the subsample's items, at most
             assert torch.equal(step.optimizer.state[table]["exp_avg"][~moved], moment[~moved])
 
 
