@@ -15,6 +15,8 @@ from vi_flows.elbo_step import ELBOStep
 from vi_flows.pyro_internals import max_plate_nesting
 from vi_flows.zoo import load_model
 
+from test_local import grouped_data, latent_tau_model
+
 # Plates and a subsampled-free hierarchy; ordered, simplex and positive sites; ImproperUniform + factor.
 MODELS = ["funnel", "hierarchical_100", "ordinal_simplex", "gaussian_mixture"]
 
@@ -72,13 +74,10 @@ def _snapshot(step):
     return [param.detach().clone() for param in step.params], copy.deepcopy(step.optimizer.state_dict())
 
 
-@pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
-@pytest.mark.parametrize("name", MODELS)
-def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticking_the_landing):
-    """Loss, clipped gradient (clip 0.5: some elements are clipped) and torch's Adam, in one traced
-    graph: three steps from the same start on the same draws end where eager steps end."""
-    module = load_model(name)
-    guide, _, step = _eager_step(module, sticking_the_landing=sticking_the_landing, clip_norm=0.5)
+def _eager_and_one_graph_runs(step, graph):
+    """Three steps of ``step`` (seeds 10-12) from its current parameters, eagerly and through the
+    whole step traced as one graph (``graph``: the traced loss) with ``step``'s clip, per-item
+    tables and noise clip: the start, then ``(losses, params, optimiser state)`` of each run."""
     start = [param.detach().clone() for param in step.params]
     runs = []
     for one_graph in (False, True):
@@ -87,13 +86,23 @@ def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticki
         step.optimizer.state.clear()
         take = step
         if one_graph:
-            graph = _traced(module, guide, step, sticking_the_landing)
-            take = CompiledAdamStep(graph, step.params, step.optimizer, 0.5, backend=None)
+            take = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None)
         losses = []
         for index in range(3):
             pyro.set_rng_seed(10 + index)
             losses.append(take(1e-2))
         runs.append((losses, *_snapshot(step)))
+    return start, runs
+
+
+@pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticking_the_landing):
+    """Loss, clipped gradient (clip 0.5: some elements are clipped) and torch's Adam, in one traced
+    graph: three steps from the same start on the same draws end where eager steps end."""
+    module = load_model(name)
+    guide, _, step = _eager_step(module, sticking_the_landing=sticking_the_landing, clip_norm=0.5)
+    start, runs = _eager_and_one_graph_runs(step, _traced(module, guide, step, sticking_the_landing))
     (eager_losses, eager_params, eager_state), (losses, params, state) = runs
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     for eager_param, param, first in zip(eager_params, params, start):
@@ -103,6 +112,21 @@ def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticki
         assert float(state["state"][key]["step"]) == float(eager_entry["step"]) == 3
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(state["state"][key][moment], eager_entry[moment], rtol=1e-3, atol=1e-8)
+
+
+def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise_clip(fresh_param_store):
+    """On a subsampled plate: per-item tables stepped lazily and a clip that follows the noise (clip
+    0.5: the noise bound is at work), in the graph as in eager steps."""
+    data = grouped_data(1000)
+    guide = AutoFlow(latent_tau_model, local="per-item")
+    step = ELBOStep(latent_tau_model, guide, data, 50, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, clip_norm=0.5, threads=1)
+    assert step.subsampled and len(step.tables) == 2
+    graph = trace_negative_elbo(latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True)
+    start, ((eager_losses, eager_params, _), (losses, params, _)) = _eager_and_one_graph_runs(step, graph)
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for eager_param, param in zip(eager_params, params):
+        torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-6)
+    assert any((eager_param - first).abs().max() > 1e-3 for eager_param, first in zip(eager_params, start))
 
 
 def test_compiled_step_loss_and_gradient_have_the_eager_means():

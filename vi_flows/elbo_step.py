@@ -116,6 +116,9 @@ class ELBOStep:
 
 def _clip_eagerly(step):
     """Clip the gradients in place as the compiled step does (:mod:`~vi_flows.clipping`)."""
+    if not step.subsampled:  # the fixed bound, in one call
+        torch.nn.utils.clip_grad_value_(step.params, step.clip_norm)
+        return
     beta2 = step.optimizer.param_groups[0]["betas"][1]
     with torch.no_grad():
         for param in (param for param in step.params if param.grad is not None):
