@@ -169,13 +169,6 @@ def test_what_cannot_be_done_says_so(fresh_param_store):
     with pytest.raises(NotImplementedError, match="subsampled"):
         to_inference_data(guide, fixed_tau_model, data, 10, num_samples=3)
 
-    def only_locals(data):
-        with pyro.plate("groups", len(data), subsample_size=10):
-            pyro.sample("theta", dist.Normal(0.0, 1.0))
-
-    with pytest.raises(ValueError, match="no global latent"):
-        AutoFlow(only_locals).setup(data)
-
 
 def test_a_local_prior_that_is_not_gaussian_is_fitted_mean_field_with_a_warning(fresh_param_store):
     def model(data):

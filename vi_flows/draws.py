@@ -20,7 +20,7 @@ def sample_constrained(guide, num_samples, *args, **kwargs):
     values = _unpacked(guide, latent)
     local = getattr(guide, "locals", None)
     if local is not None:  # given the globals' draws, over all items
-        values.update(local.draw(values, lambda name, draws: draws, *args, **kwargs))
+        values.update(local.draw(num_samples, values, lambda name, draws: draws, *args, **kwargs))
     return values
 
 
@@ -92,8 +92,7 @@ def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
         torch.manual_seed(seed)
         latent = guide.get_posterior(*args, **kwargs).sample((num_draws,))
     levels = torch.as_tensor(levels, dtype=latent.dtype, device=latent.device)
-    per_coordinate = torch.quantile(latent, levels, dim=0)
-    values = _unpacked(guide, per_coordinate)
+    values = _unpacked(guide, torch.quantile(latent, levels, dim=0)) if latent.shape[-1] else {}  # {}: every latent local
     local = getattr(guide, "locals", None)
     if local is not None:
         values.update(_local_quantiles(guide, local, latent, levels, seed, *args, **kwargs))
@@ -111,7 +110,7 @@ def _local_quantiles(guide, local, latent, levels, seed, *args, **kwargs):
 
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        return local.draw(global_draws, reduce, *args, **kwargs)
+        return local.draw(len(latent), global_draws, reduce, *args, **kwargs)
 
 
 def _unpacked(guide, latent):

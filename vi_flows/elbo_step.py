@@ -152,7 +152,7 @@ def _warn_about_untrained(guide, params):
     if not isinstance(guide, torch.nn.Module):
         return
     trained = {id(param) for param in params}
-    untrained = [name for name, param in guide.named_parameters() if id(param) not in trained]
+    untrained = [name for name, param in guide.named_parameters() if id(param) not in trained and param.numel()]
     if untrained:
         warnings.warn(
             f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "

@@ -8,6 +8,7 @@ from operator import attrgetter
 
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoContinuous
 
 
 def setup(guide, *args, **kwargs):
@@ -16,6 +17,16 @@ def setup(guide, *args, **kwargs):
     if guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)
     return guide
+
+
+def setup_continuous_prototype(guide, *args, allow_empty=False, **kwargs):
+    """Run ``AutoContinuous._setup_prototype``; with ``allow_empty``, a prototype without latent sites
+    (the guide hides them all) sets the guide up with ``latent_dim`` 0 where Pyro raises."""
+    try:
+        AutoContinuous._setup_prototype(guide, *args, **kwargs)
+    except RuntimeError:
+        if not (allow_empty and getattr(guide, "latent_dim", None) == 0):
+            raise
 
 
 def unpack_latent(guide, latent):

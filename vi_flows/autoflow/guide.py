@@ -12,7 +12,6 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 
@@ -92,6 +91,8 @@ class AutoFlow(AutoContinuous):
         flow covers every latent, and a subsampled plate of latents is an error; ``"auto"``
         (default) is ``"per-item"`` where a plate of latents is subsampled or the local latents have
         ``LOCAL_MIN_DIM`` = 200 coordinates or more, else ``"none"``. ``local_sites`` names them.
+        Where every latent is local (a variational autoencoder), there is no global flow
+        (``latent_dim`` is 0): the items' posteriors, with ``local_flow``, are the guide.
     :param str local_flow: a flow spec (e.g. ``"sylvester*4"``) applied per item after the local
         Gaussian, its parameters a function of the item
         (:class:`~vi_flows.flows.conditional.ConditionalFlow`): of the item's data (encoder) when
@@ -169,21 +170,23 @@ class AutoFlow(AutoContinuous):
         if self.local_sites:
             self._prototype_hide_fn = functools.partial(_hide_sites, frozenset(self.local_sites))
         try:
-            super()._setup_prototype(*args, **kwargs)
+            pyro_internals.setup_continuous_prototype(self, *args, allow_empty=bool(self.local_sites), **kwargs)
         except Exception:
             # Pyro fails on these later and less clearly; say what is wrong with the model instead.
             if self.prototype_trace is not None:
-                check_latent_sites(self.prototype_trace)
+                check_latent_sites(self.prototype_trace, has_locals=bool(self.local_sites))
             raise
-        check_latent_sites(self.prototype_trace)
-        centre = self._init_loc()
+        check_latent_sites(self.prototype_trace, has_locals=bool(self.local_sites))
+        # With every latent local, an empty global vector, on the model's device.
+        centre = self._init_loc() if self.latent_dim else trace.nodes[self.local_sites[0]]["value"].new_zeros(0)
         self.register_buffer("centre", centre)
         self.register_buffer("preconditioner", eye_like(centre, self.latent_dim))
         self.loc = nn.Parameter(torch.zeros_like(centre))
         self.scale = PyroParam(torch.full_like(centre, self._init_scale), constraints.softplus_positive)
         self.base = BASES[self.base_kind](centre)
-        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre)
-        if self._use_non_centring:
+        # Every latent local: no global coordinate for a flow to act on, the items' posteriors are the guide.
+        self.flow = build_flow(self.flow_spec, self.latent_dim, **self._flow_options).to(centre) if self.latent_dim else None
+        if self._use_non_centring and self.latent_dim:
             self.non_centring = non_centring_of(self, *args, **kwargs)
         if self.local_sites:
             plates = {name: plates for name, plates in local_sites(trace).items() if name in self.local_sites}
@@ -204,17 +207,11 @@ class AutoFlow(AutoContinuous):
             size = sum(biject_to(trace.nodes[name]["fn"].support).inv(trace.nodes[name]["value"]).numel() for name in local)
             if size < LOCAL_MIN_DIM and not subsampled_plates(trace):
                 return ()
-        if len(local) == sum(1 for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)):
-            raise ValueError(
-                f"every latent site of the model ({', '.join(local)}) is local, in a plate that holds data or is "
-                "subsampled, so AutoFlow has no global latent to put a flow on; the items are independent a "
-                "posteriori: fit them with pyro.infer.autoguide.AutoNormal, or AutoFlow(model, local='none') "
-                "without subsampling."
-            )
         return tuple(local)
 
     def forward(self, *args, **kwargs):
-        values = super().forward(*args, **kwargs)
+        self.setup(*args, **kwargs)
+        values = super().forward(*args, **kwargs) if self.latent_dim else {}
         if self.locals is not None:
             values.update(self.locals(values, *args, **kwargs))
         return values

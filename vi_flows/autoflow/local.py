@@ -174,7 +174,7 @@ class LocalPosterior(PyroModule):
                 f"the guide's density at given local values over every item of the subsampled plate "
                 f"{', '.join(self.subsampled)}; score a model without subsampling (the same guide reads it)"
             )
-        num_draws = len(next(iter(global_draws.values())))
+        num_draws = len(local_draws[self.names[0]])
         global_values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         local_values = {name: self._left_of_plates(name, local_draws[name]) for name in self.names}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
@@ -187,14 +187,13 @@ class LocalPosterior(PyroModule):
         return draws.reshape(draws.shape[:1] + (1,) * (self.plate_depth - self.batch_dims[name]) + draws.shape[1:])
 
     @torch.no_grad()
-    def draw(self, global_draws, reduce, *args, **kwargs):
-        """``{local site: reduce(draws)}`` over all items, where ``global_draws`` are the globals' draws
-        (``{site: (S, *site_shape)}``) and ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws
+    def draw(self, num_draws, global_draws, reduce, *args, **kwargs):
+        """``{local site: reduce(draws)}`` over all items, where ``global_draws`` are the globals'
+        ``num_draws`` draws (``{site: (num_draws, *site_shape)}``) and ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws
         given them to a tensor of any leading size (the identity, or quantiles over the draws). A
         subsampled plate is run a subsample at a time, so memory follows the subsample, not the items."""
         if len(self.subsampled) > 1:
             raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(self.subsampled)}) at once")
-        num_draws = len(next(iter(global_draws.values())))
         values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
             if not self.subsampled:

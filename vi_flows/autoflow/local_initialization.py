@@ -133,8 +133,11 @@ def _write_rows(posterior, name, indices, loc, precision):
 
 
 def _fit_encoders(posterior, rows):
-    """Each encoder's affine map by least squares from features to ``(a, log beta)`` per item."""
+    """Each encoder's affine map by least squares from features to ``(a, log beta)`` per item, its
+    features standardised by all the rows' spread."""
     encoders = posterior.pseudo_observations
+    for plate in {encoders.plates[name] for name in posterior.names}:
+        encoders.set_standardisation(plate, torch.cat([row[0][plate] for row in rows]))
     for name in posterior.names:
         plate = encoders.plates[name]
         features = torch.cat([encoders.standardise(plate, row[0][plate]) for row in rows])

@@ -75,11 +75,21 @@ class Amortized(PyroModule):
             size = per_item.numel()
             start = torch.cat([value.mean().expand(size), torch.zeros(size)])
             deep_setattr(self, "encoders." + name, Encoder(features[plate].shape[-1], 2 * size, start))
-        # Standardised by the first subsample's spread, so that the first layer suits data of any scale.
         self._feature_index = {plate: str(index) for index, plate in enumerate(features)}
         for plate, data in features.items():
-            self.register_buffer("feature_centre_" + self._feature_index[plate], data.mean(0))
-            self.register_buffer("feature_spread_" + self._feature_index[plate], data.std(0).clamp(min=1e-6))
+            self.register_buffer("feature_centre_" + self._feature_index[plate], torch.zeros_like(data[0]))
+            self.register_buffer("feature_spread_" + self._feature_index[plate], torch.ones_like(data[0]))
+            self.set_standardisation(plate, data)
+
+    @torch.no_grad()
+    def set_standardisation(self, plate, data):
+        """Standardise the plate's features by the mean and sd of ``data`` (items, F), so that the first
+        layer suits data of any scale; a feature constant in ``data`` is only centred (a pixel blank in
+        every image seen would otherwise be divided by about zero where another image inks it)."""
+        index = self._feature_index[plate]
+        spread = data.std(0)
+        getattr(self, "feature_centre_" + index).copy_(data.mean(0))
+        getattr(self, "feature_spread_" + index).copy_(torch.where(spread > 1e-6 * spread.max().clamp(min=1e-30), spread, 1.0))
 
     def standardise(self, plate, features):
         index = self._feature_index[plate]

@@ -3,10 +3,11 @@
 from pyro.poutine.util import site_is_subsample
 
 
-def check_latent_sites(trace):
-    """Raise a ``ValueError`` for latent sites a single global continuous guide cannot represent."""
+def check_latent_sites(trace, has_locals=False):
+    """Raise a ``ValueError`` for latent sites a single global continuous guide cannot represent, or
+    for a model with no latent site (``has_locals``: the trace hides the local ones)."""
     latent_sites = list(trace.iter_stochastic_nodes())
-    if not latent_sites:
+    if not latent_sites and not has_locals:
         raise ValueError(
             "the model has no latent sample site (every site is observed or a pyro.factor), so "
             "there is no posterior to approximate; use an empty guide, e.g. `lambda *args, **kwargs: None`"
