@@ -232,7 +232,7 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch
     for steps in ("0", "-5"):
         with pytest.raises(SystemExit) as exit_:
             main(["compare", "banana", "--steps", steps])
-        assert exit_.value.code == 2 and "must be a positive number of steps" in capsys.readouterr().err
+        assert exit_.value.code == 2 and "must be a positive whole number" in capsys.readouterr().err
 
 
 def test_cli_exits_nonzero_when_every_guide_failed(tmp_path, capsys):

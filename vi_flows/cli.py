@@ -93,10 +93,26 @@ def _compare(args):
     return 0
 
 
+def _vae(args):
+    from .vae import POSTERIORS
+
+    posteriors = args.posteriors or list(POSTERIORS)
+    try:
+        _check_guides([name for name in posteriors if name not in POSTERIORS])
+        out = _checked_out(args.out)
+    except ValueError as error:
+        print(f"vi-flows vae: {error}", file=sys.stderr)
+        return 2
+    from .vae import run_vae
+
+    run_vae(posteriors, args.seeds, args.epochs, out, functools.partial(print, flush=True), progress=not args.quiet)
+    return 0
+
+
 def _positive(text):
     value = int(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of steps, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
     return value
 
 
@@ -114,6 +130,13 @@ def build_parser():
     compare.add_argument("--wide", action="store_true", help="print every column of the table, not the ones that fit 100 characters")
     compare.add_argument("--parameters", nargs="+", help="the marginals' panels, e.g. tau 'theta[0]' (default: the first 12)")
     compare.set_defaults(run=_compare)
+    vae = commands.add_parser("vae", help="fit the bundled digits VAE with amortised flow posteriors and score them on held-out images")
+    vae.add_argument("--posteriors", nargs="+", help="gaussian, planar, iaf, sylvester-orthogonal, -householder, -triangular or flow specs (default: all six)")
+    vae.add_argument("--epochs", type=_positive, default=400, help="passes over the 1500 training images (default: 400)")
+    vae.add_argument("--seeds", type=int, nargs="+", default=[0], help="one fit per posterior and seed (default: 0)")
+    vae.add_argument("--out", default="vi-flows-vae", help="folder for the table and plots (default: vi-flows-vae)")
+    vae.add_argument("--quiet", action="store_true", help="no progress bars")
+    vae.set_defaults(run=_vae)
     return parser
 
 

@@ -89,3 +89,36 @@ def marginals(result, path, parameters=None, num_draws=4000):
     figure.suptitle(f"Marginals over the reference ({of}; central 95% of all draws)", fontsize=10)
     figure.tight_layout(rect=(0, 0.06, 1, 0.97))
     figure.savefig(path, dpi=100)
+
+
+def image_rows(rows, path, title):
+    """``rows`` (``{label: (n, height, width)}`` of grey levels in [0, 1]) as labelled rows of images."""
+    width = max(len(images) for images in rows.values())
+    figure = Figure(figsize=(0.8 * width + 1.6, 0.8 * len(rows) + 0.5))
+    axes = figure.subplots(len(rows), width, squeeze=False)
+    for row, (label, images) in zip(axes, rows.items()):
+        for axis, image in zip(row, images):
+            axis.imshow(image.cpu().numpy(), cmap="gray_r", vmin=0.0, vmax=1.0)
+        for axis in row:
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.spines[:].set_visible(False)
+        row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def curves(series, path, xlabel, ylabel, title):
+    """``series`` (``{label: 1-D tensor}``) against their index from 1, one line each."""
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    for label, values in series.items():
+        axis.plot(range(1, len(values) + 1), values.cpu().numpy(), label=label, linewidth=1)
+    finite = torch.cat([values[len(values) // 10 :] for values in series.values()])
+    if len(finite):  # the early epochs' ELBO is far below: show where the posteriors differ
+        axis.set_ylim(finite.min().item(), finite.max().item() + 0.05 * (finite.max() - finite.min()).item())
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import pyro
 import torch
 
+from . import plots
 from .autoflow import AutoFlow
 from .fitting import FitResult, fit
 from .item_likelihood import item_scores
 from .models import vae_digits
+from .report import markdown, plain_text
 
 # The posteriors of the paper's Table 1, four layers each (one spec per row; None: the Gaussian).
 POSTERIORS = {
@@ -122,3 +124,26 @@ def summary_rows(runs):
         standard_error = max(run.standard_error for run in own)
         rows.append([posterior, str(len(own)), cells[0], f"{standard_error:.3f}", *cells[1:]])
     return rows
+
+
+def run_vae(posteriors, seeds, epochs, out, say, progress=False):
+    """The ``vi-flows vae`` job: fit the digits VAE with each of ``posteriors`` (names of
+    :data:`POSTERIORS` or flow specs) for each seed, hand the table's lines to ``say``, and write
+    ``table.md``, ``reconstructions.png``, ``prior_samples.png`` and ``elbo_per_epoch.png`` (the first
+    seed's fits) to the folder ``out``. Returns the :class:`VAERun` list."""
+    runs = []
+    for seed in seeds:
+        for posterior in posteriors:
+            run = fit_vae(posterior, seed=seed, epochs=epochs, progress=progress)
+            say(f"{posterior} (seed {seed}): test log-likelihood {run.log_likelihood:.2f} nats per image, ELBO {run.elbo:.2f}")
+            runs.append(run)
+    rows = summary_rows(runs)
+    say(plain_text(rows))
+    (out / "table.md").write_text(markdown(rows))
+    first = [run for run in runs if run.seed == seeds[0]]
+    images, _ = reconstructions(first[0])
+    plots.image_rows({"test images": images, **{run.posterior: reconstructions(run)[1] for run in first}}, out / "reconstructions.png", "Test images and their reconstructions (one posterior draw each)")
+    plots.image_rows({run.posterior: prior_samples(run) for run in first}, out / "prior_samples.png", "Decoded draws from the prior (pixel probabilities)")
+    plots.curves({run.posterior: epoch_elbos(run.result) for run in first}, out / "elbo_per_epoch.png", "epoch", "training ELBO (nats per image)", "ELBO per epoch")
+    say(f"wrote table.md, reconstructions.png, prior_samples.png, elbo_per_epoch.png to {out}/")
+    return runs

@@ -188,29 +188,40 @@ class LocalPosterior(PyroModule):
 
     @torch.no_grad()
     def draw(self, num_draws, global_draws, reduce, *args, **kwargs):
-        """``{local site: reduce(draws)}`` over all items, where ``global_draws`` are the globals'
-        ``num_draws`` draws (``{site: (num_draws, *site_shape)}``) and ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws
-        given them to a tensor of any leading size (the identity, or quantiles over the draws). A
-        subsampled plate is run a subsample at a time, so memory follows the subsample, not the items."""
-        if len(self.subsampled) > 1:
-            raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(self.subsampled)}) at once")
+        """``{local site: reduce(draws)}`` over all items of the model run ``model(*args, **kwargs)``
+        (which may hold other items than the fit's: an amortised posterior reads new data), where
+        ``global_draws`` are the globals' ``num_draws`` draws (``{site: (num_draws, *site_shape)}``) and
+        ``reduce(site, draws)`` maps a site's ``(S, *shape)`` draws given them to a tensor of any
+        leading size (the identity, or quantiles over the draws). A subsampled plate is run a
+        subsample at a time, so memory follows the subsample, not the items."""
+        shapes, subsampled = self._items_of_run(global_draws, *args, **kwargs)
+        if len(subsampled) > 1:
+            raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(subsampled)}) at once")
         values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
-            if not self.subsampled:
-                return {name: reduce(name, value.reshape((num_draws,) + self.full_shapes[name])) for name, value in self(values, *args, **kwargs).items()}
-            (plate, frame), = self.subsampled.items()
+            if not subsampled:
+                return {name: reduce(name, value.reshape((num_draws,) + shapes[name])) for name, value in self(values, *args, **kwargs).items()}
+            ((plate, frame),) = subsampled.items()
             result = {}
             for start in range(0, frame.full_size, frame.size):
                 indices = torch.arange(start, start + frame.size) % frame.full_size
                 chunk = self(values, *args, indices={plate: indices}, **kwargs)
                 kept = min(frame.size, frame.full_size - start)
                 for name, value in chunk.items():
-                    dim, shape = frame.dim - self.event_dims[name], self.full_shapes[name]
+                    dim, shape = frame.dim - self.event_dims[name], shapes[name]
                     value = reduce(name, value.reshape((num_draws,) + shape[:dim] + (frame.size,) + shape[len(shape) + dim + 1 :]))
                     if name not in result:
-                        result[name] = value.new_empty(value.shape[:1] + self.full_shapes[name])
+                        result[name] = value.new_empty(value.shape[:1] + shapes[name])
                     result[name].narrow(dim, start, kept).copy_(value.narrow(dim, 0, kept))
             return result
+
+    def _items_of_run(self, global_draws, *args, **kwargs):
+        """``({local site: its shape over all items}, {plate: frame} subsampled)`` of this model run,
+        traced with the locals from their priors at the globals' first draw."""
+        first = {name: value[0] for name, value in global_draws.items()}
+        with poutine.block(), poutine.trace() as probe, LocalSampler(None, first, {}, {}):
+            self.model(*args, **kwargs)
+        return {name: full_size_value(probe.trace.nodes[name]).shape for name in self.names}, subsampled_plates(probe.trace)
 
 
 class LocalSampler(Messenger):
