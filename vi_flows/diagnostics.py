@@ -61,12 +61,18 @@ def psis_khat(log_weights):
 
     Below 0.5 the guide is good as a proposal, 0.5-0.7 usable, above 0.7 not to be trusted.
     """
+    return psis_khats(log_weights.unsqueeze(-1)).item()
+
+
+def psis_khats(log_weights):
+    """:func:`psis_khat` of each column of ``(draws, items)`` log weights, as a tensor ``(items,)``:
+    each item's own, where the items are independent (:mod:`~vi_flows.item_likelihood`)."""
     import arviz
 
-    if (log_weights.max() - log_weights.min()).item() < 1e-9:
-        return -math.inf  # q = p: constant weights, which ArviZ's tail fit reports as inf
-    _, khat = arviz.psislw(log_weights.double().cpu().numpy())
-    return float(khat)
+    # ArviZ reads one row per item; q = p gives constant weights, which its tail fit reports as inf.
+    _, khats = arviz.psislw(log_weights.T.double().cpu().numpy())
+    constant = (log_weights.max(0).values - log_weights.min(0).values) < 1e-9
+    return torch.where(constant.cpu(), -math.inf, torch.as_tensor(khats, dtype=torch.float64).reshape(-1))
 
 
 # The thresholds of khat_reading, and how close to one a k-hat must be for stable_khat to draw more.

@@ -16,19 +16,22 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .diagnostics import psis_khats
 from .pyro_internals import setup
 
 
 @dataclass
 class ItemScores:
     """Per item, each ``(items,)``: the importance-sampled ``log_likelihood`` and its Monte Carlo
-    ``standard_error`` (delta method), the ``elbo`` and its ``reconstruction`` and ``kl`` parts."""
+    ``standard_error`` (delta method, which holds where ``khat``, the weights' PSIS k-hat, is below
+    0.7), the ``elbo`` and its ``reconstruction`` and ``kl`` parts."""
 
     log_likelihood: torch.Tensor
     standard_error: torch.Tensor
     elbo: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
+    khat: torch.Tensor
 
 
 @torch.no_grad()
@@ -53,7 +56,7 @@ def item_scores(model, guide, *args, num_samples=1000, chunk_size=250, **kwargs)
     relative = (log_weights - log_weights.max(0).values).exp()
     standard_error = relative.std(0) / relative.mean(0) / math.sqrt(num_samples)
     elbo, reconstruction = log_weights.mean(0), log_likelihoods.mean(0)
-    return ItemScores(log_mean, standard_error, elbo, reconstruction, reconstruction - elbo)
+    return ItemScores(log_mean, standard_error, elbo, reconstruction, reconstruction - elbo, psis_khats(log_weights))
 
 
 def _item_plate(guide):

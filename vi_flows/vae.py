@@ -34,7 +34,9 @@ TEST_DRAWS = 5000
 class VAERun:
     """One fitted VAE: its ``model`` (with the fitted decoder), ``guide``, the fit's ``result``, and the
     mean over the test images of the importance-sampled log-likelihood and its Monte Carlo standard
-    error, the ELBO, its reconstruction and KL parts (nats per image), and the seconds per epoch."""
+    error, the ELBO, its reconstruction and KL parts (nats per image), the share of test images whose
+    importance weights have a PSIS k-hat above 0.7 (their log-likelihood is not to be trusted), and
+    the seconds per epoch."""
 
     posterior: str
     seed: int
@@ -46,6 +48,7 @@ class VAERun:
     elbo: float
     reconstruction: float
     kl: float
+    unreliable: float
     seconds_per_epoch: float
 
 
@@ -76,6 +79,7 @@ def fit_vae(posterior, seed=0, epochs=400, lr=LR, test_draws=TEST_DRAWS, progres
         scores.elbo.mean().item(),
         scores.reconstruction.mean().item(),
         scores.kl.mean().item(),
+        (scores.khat > 0.7).double().mean().item(),
         seconds_per_epoch,
     )
 
@@ -107,22 +111,30 @@ def prior_samples(run, num_images=16, seed=0):
     return torch.sigmoid(run.model.decoder(z)).reshape(-1, 8, 8)
 
 
-SCORES = ("log_likelihood", "elbo", "reconstruction", "kl", "seconds_per_epoch")
+# The table's scores: header and format of each.
+COLUMNS = {
+    "log_likelihood": ("test log-lik", "{:.2f}"),
+    "elbo": ("test ELBO", "{:.2f}"),
+    "reconstruction": ("reconstruction", "{:.2f}"),
+    "kl": ("KL", "{:.2f}"),
+    "unreliable": ("k-hat > 0.7", "{:.0%}"),
+    "seconds_per_epoch": ("s/epoch", "{:.3f}"),
+}
 
 
 def summary_rows(runs):
-    """Text rows (header first) of the mean and, over two or more seeds, the spread (max - min) of
-    each posterior's scores, in the order the runs came."""
-    rows = [["posterior", "seeds", "test log-lik", "MC s.e.", "test ELBO", "reconstruction", "KL", "s/epoch"]]
+    """Text rows (header first) of each posterior's scores over its seeds, in the order the runs
+    came: the mean, and over two or more seeds ± half the range; the largest Monte Carlo standard
+    error of the test log-likelihood."""
+    rows = [["posterior", "seeds", "MC s.e.", *(header for header, _ in COLUMNS.values())]]
     for posterior in dict.fromkeys(run.posterior for run in runs):
         own = [run for run in runs if run.posterior == posterior]
-        cells = []
-        for score in SCORES:
-            values = torch.tensor([getattr(run, score) for run in own])
-            spread = f" ± {(values.max() - values.min()).item() / 2:.2f}" if len(own) > 1 else ""
-            cells.append(f"{values.mean().item():.2f}{spread}" if score != "seconds_per_epoch" else f"{values.mean().item():.3f}")
-        standard_error = max(run.standard_error for run in own)
-        rows.append([posterior, str(len(own)), cells[0], f"{standard_error:.3f}", *cells[1:]])
+        cells = [posterior, str(len(own)), f"{max(run.standard_error for run in own):.3f}"]
+        for score, (_, shown) in COLUMNS.items():
+            values = torch.tensor([getattr(run, score) for run in own], dtype=torch.float64)
+            spread = " ± " + shown.format((values.max() - values.min()).item() / 2) if len(own) > 1 else ""
+            cells.append(shown.format(values.mean().item()) + spread)
+        rows.append(cells)
     return rows
 
 
