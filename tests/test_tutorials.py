@@ -18,6 +18,7 @@ def test_every_tutorial_is_collected():
         "03_sylvester_variants.ipynb",
         "04_did_it_work.ipynb",
         "05_your_own_flow.ipynb",
+        "06_a_vae_with_flow_posteriors.ipynb",
     ]
 
 
