@@ -109,6 +109,28 @@ def _vae(args):
     return 0
 
 
+def _fit(args):
+    from .zoo import load_model
+
+    try:
+        source = load_model(args.model)
+        _check_guides([args.flow] if args.flow else [])
+        out = _checked_out(args.out)
+    except ValueError as error:
+        print(f"vi-flows fit: {error}", file=sys.stderr)
+        return 2
+    from .report import run_fit
+
+    try:
+        run_fit(source.model, args.flow, args.local, out, functools.partial(print, flush=True), num_steps=args.steps, seed=args.seed, progress=not args.quiet)
+    except Exception as error:  # the model raised: one line and where
+        from .messages import first_line
+
+        print(f"vi-flows fit: the fit failed: {first_line(error)}{_where(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive(text):
     value = int(text)
     if value <= 0:
@@ -130,6 +152,15 @@ def build_parser():
     compare.add_argument("--wide", action="store_true", help="print every column of the table, not the ones that fit 100 characters")
     compare.add_argument("--parameters", nargs="+", help="the marginals' panels, e.g. tau 'theta[0]' (default: the first 12)")
     compare.set_defaults(run=_compare)
+    fitting = commands.add_parser("fit", help="fit AutoFlow to a model and save the guide (data-parallel under torchrun)")
+    fitting.add_argument("model", help="a bundled model or path/to/file.py:function")
+    fitting.add_argument("--flow", help="the global flow's spec (default: AutoFlow's)")
+    fitting.add_argument("--local", default="auto", choices=["auto", "per-item", "amortized", "none"], help="local latents' posteriors (default: auto)")
+    fitting.add_argument("--steps", type=_positive, help="SVI steps (default: until fit's stopping rule)")
+    fitting.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fitting.add_argument("--out", default="vi-flows-fit", help="folder for guide.pt (default: vi-flows-fit)")
+    fitting.add_argument("--quiet", action="store_true", help="no progress bar")
+    fitting.set_defaults(run=_fit)
     vae = commands.add_parser("vae", help="fit the bundled digits VAE with amortised flow posteriors and score them on held-out images")
     vae.add_argument("--posteriors", nargs="+", help="gaussian, planar, iaf, sylvester-orthogonal, -householder, -triangular or flow specs (default: all six)")
     vae.add_argument("--epochs", type=_positive, default=400, help="passes over the 1500 training images (default: 400)")

@@ -9,6 +9,7 @@ Adam's moments stay in the optimiser's own state (``torch.optim.Adam``'s ``exp_a
 ``step``), so its ``state_dict`` saves and restores them as in an eager fit.
 """
 
+import functools
 import warnings
 
 import torch
@@ -28,36 +29,37 @@ class CompiledAdamStep:
     The per-item ``tables`` among ``params`` are stepped lazily (:mod:`~vi_flows.item_steps`), and
     with ``noise_clip`` the clip follows the gradient's noise (:mod:`~vi_flows.clipping`).
 
-    The graph is traced, and run once (which compiles it), on copies of its inputs.
+    With ``reduce`` (a function of the gradients' list returning another, data-parallel averaging:
+    :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with its gradient and the
+    update, with ``reduce`` run eagerly between them.
+
+    The graphs are traced, and run once (which compiles them), on copies of their inputs.
     Raises :class:`~vi_flows.CompileError` where tracing or compiling fails.
     """
 
-    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor"):
+    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
             raise ValueError("CompiledAdamStep takes plain Adam over one parameter group")
         self.params, self.optimizer = params, optimizer
         self._lr = torch.zeros((), dtype=torch.float64)
         lazy = [any(param is table for table in tables) for param in params]
-        update = _adam_update(loss_graph, len(params), lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
+        apply = _adam_apply(lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
+        self._reduce = reduce
         with torch.no_grad():
             for param in params:
                 _init_adam_state(optimizer, param)
             _, inputs = self._inputs()
             # Tracing and the first call run the step: on copies, as the step updates its inputs.
             copies = [tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs]
-        try:
-            graph = make_fx(update)(*copies)
-        except Exception as failure:  # tracing raises many types; eager mode still works
-            raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
-        try:
-            self._graph = graph if backend is None else torch.compile(graph, backend=backend, fullgraph=True, dynamic=False)
-            with warnings.catch_warnings(), torch.no_grad():
-                # The compiler's own deprecation notices say nothing about the user's model.
-                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-                self._graph(*copies)  # torch.compile compiles at the first call
-        except Exception as failure:  # the compilers raise many types; eager mode still works
-            raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
+        count = len(params)
+        if reduce is None:
+            self._graph = _compiled(_one_graph(loss_graph, apply, count), copies, backend)
+            return
+        self._gradient_graph = _compiled(functools.partial(_loss_and_gradients, loss_graph), copies[:count], backend)
+        with torch.no_grad():
+            gradients = [torch.zeros_like(param) for param in params]
+        self._update_graph = _compiled(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*copies[:count], *gradients, *copies[count:]], backend)
 
     def _inputs(self):
         """The optimiser's per-parameter states and the graph's inputs. Read at every step: restoring
@@ -71,9 +73,32 @@ class CompiledAdamStep:
     def __call__(self, lr):
         self._lr.fill_(lr)
         states, inputs = self._inputs()
-        loss = self._graph(*inputs)
+        if self._reduce is None:
+            loss = self._graph(*inputs)
+        else:
+            count = len(self.params)
+            loss, *gradients = self._gradient_graph(*inputs[:count])
+            self._update_graph(*inputs[:count], *self._reduce(gradients), *inputs[count:])
         torch._foreach_add_([state["step"] for state in states], 1.0)
         return loss.item()
+
+
+def _compiled(function, example_inputs, backend):
+    """``function`` traced (``make_fx``) and compiled with ``backend`` (None: the traced graph), run
+    once on ``example_inputs``, which it may update."""
+    try:
+        graph = make_fx(function)(*example_inputs)
+    except Exception as failure:  # tracing raises many types; eager mode still works
+        raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
+    try:
+        compiled = graph if backend is None else torch.compile(graph, backend=backend, fullgraph=True, dynamic=False)
+        with warnings.catch_warnings(), torch.no_grad():
+            # The compiler's own deprecation notices say nothing about the user's model.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+            compiled(*example_inputs)  # torch.compile compiles at the first call
+    except Exception as failure:  # the compilers raise many types; eager mode still works
+        raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
+    return compiled
 
 
 def _init_adam_state(optimizer, param):
@@ -85,17 +110,36 @@ def _init_adam_state(optimizer, param):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def _adam_update(loss_graph, count, lazy, beta1, beta2, eps, clip_norm, noise_clip):
-    """The function of (params, first moments, second moments, step count, lr) that returns the loss
-    and updates params and moments in place, with torch.optim.Adam's arithmetic; lazily
-    (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true."""
+def _loss_and_gradients(loss_graph, *params):
+    with torch.enable_grad():
+        loss = loss_graph(*params)
+        gradients = torch.autograd.grad(loss, params)
+    return (loss.detach(), *gradients)
+
+
+def _split_state(inputs, count):
+    """``(gradients, first moments, second moments, step count, lr)`` of the update's inputs after the params."""
+    return inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count], inputs[3 * count], inputs[3 * count + 1]
+
+
+def _one_graph(loss_graph, apply, count):
+    """The whole step as one function of (params, first moments, second moments, step count, lr)."""
 
     def update(*inputs):
-        params, averages, squares = inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count]
-        step, lr = inputs[3 * count].to(torch.float64) + 1, inputs[3 * count + 1]
-        with torch.enable_grad():
-            loss = loss_graph(*params)
-            gradients = torch.autograd.grad(loss, params)
+        params = inputs[:count]
+        loss, *gradients = _loss_and_gradients(loss_graph, *params)
+        apply(params, gradients, *_split_state((*gradients, *inputs[count:]), count)[1:])
+        return loss
+
+    return update
+
+
+def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):
+    """Adam's update of params and moments, in place, given the gradients, with torch.optim.Adam's
+    arithmetic; lazily (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true."""
+
+    def apply(params, gradients, averages, squares, step, lr):
+        step = step.to(torch.float64) + 1
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
         with torch.no_grad():  # in place: the compiled graph writes the new values into its inputs
@@ -112,6 +156,5 @@ def _adam_update(loss_graph, count, lazy, beta1, beta2, eps, clip_norm, noise_cl
                 new_param = param - step_size * new_average / (new_square.sqrt() / root_correction + eps)
                 for tensor, new in ((param, new_param), (average, new_average), (square, new_square)):
                     tensor.copy_(torch.where(mask, new, tensor))
-        return loss.detach()
 
-    return update
+    return apply

@@ -79,13 +79,14 @@ SUMMARY_DRAWS = 4000
 
 
 @torch.no_grad()
-def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
+def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, local=True, **kwargs):
     """Posterior quantiles of each latent site of an ``AutoContinuous`` guide: per coordinate of the
     unconstrained latent vector, from ``num_draws`` draws with ``seed`` (the caller's random state is
     left as it was), mapped through each site's bijection, so every one lies in the site's support
     (a Dirichlet site's median sums to one, an ``LKJCholesky`` one has rows of unit norm).
 
-    Returns ``{site: tensor of shape (len(levels), *site_shape)}``.
+    Returns ``{site: tensor of shape (len(levels), *site_shape)}``; with ``local=False``, an
+    ``AutoFlow``'s global sites only (its local ones need a run over every item).
     """
     setup(guide, *args, **kwargs)
     with torch.random.fork_rng():
@@ -93,9 +94,9 @@ def quantiles(guide, levels, *args, num_draws=SUMMARY_DRAWS, seed=0, **kwargs):
         latent = guide.get_posterior(*args, **kwargs).sample((num_draws,))
     levels = torch.as_tensor(levels, dtype=latent.dtype, device=latent.device)
     values = _unpacked(guide, torch.quantile(latent, levels, dim=0)) if latent.shape[-1] else {}  # {}: every latent local
-    local = getattr(guide, "locals", None)
-    if local is not None:
-        values.update(_local_quantiles(guide, local, latent, levels, seed, *args, **kwargs))
+    posterior = getattr(guide, "locals", None)
+    if posterior is not None and local:
+        values.update(_local_quantiles(guide, posterior, latent, levels, seed, *args, **kwargs))
     return values
 
 

@@ -12,6 +12,7 @@ from pyro.infer import Trace_ELBO
 from .clipping import clip_gradient
 from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
 from .compiled_step import CompiledAdamStep
+from .data_parallel import DataParallel
 from .item_steps import lazy_adam_step
 from .particles import choose
 from .pyro_internals import trained_parameters
@@ -45,6 +46,7 @@ class ELBOStep:
         clip_norm=10.0,
         sticking_the_landing="auto",
         threads=None,
+        data_parallel=False,
         **kwargs,
     ):
         if sticking_the_landing not in (True, False, "auto"):
@@ -52,16 +54,22 @@ class ELBOStep:
         self.particles = None
         self.subsampled = is_subsampled(guide, *args, **kwargs)
         if first_score_function_site(guide, *args, **kwargs) is None:
-            self.particles = particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
-            _warn_unless_broadcast(particles)
-            self.loss = functools.partial(negative_elbo, model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+            self.particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
+            _warn_unless_broadcast(self.particles)
         else:  # score-function terms: Pyro's own estimator
-            elbo = Trace_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
-            self.loss = functools.partial(elbo.differentiable_loss, model, guide, *args, **kwargs)
+            self._elbo = Trace_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
+        self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.params = trained_parameters(self.loss)
         _warn_about_untrained(guide, self.params)
         self.num_threads = self._threads(threads)
         self.tables = _item_tables(guide, self.params)
+        self.parallel = None
+        if data_parallel:  # rank 0's start, this rank's subsamples
+            self.parallel = DataParallel(self.params, self.tables)
+            buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
+            self.parallel.broadcast([*self.params, *buffers])
+            guide = self.parallel.subsamples(guide)
+            self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
         self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
@@ -73,7 +81,8 @@ class ELBOStep:
                     graph = trace_negative_elbo(
                         model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs
                     )
-                    self._compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, clip_norm, self.tables, self.subsampled)
+                    reduce = self.parallel.average if self.parallel is not None else None
+                    self._compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, clip_norm, self.tables, self.subsampled, reduce=reduce)
                 self.compiled = True
             except CompileError as failure:
                 if compile is True:
@@ -81,6 +90,12 @@ class ELBOStep:
                 self.compile_failure = str(failure)
                 self.optimizer.state.clear()  # eager Adam starts its own
             self.compile_seconds = time.perf_counter() - start
+
+    def _loss(self, model, guide, args, kwargs, sticking_the_landing):
+        """The loss of one step, a function of nothing."""
+        if self.particles is None:
+            return functools.partial(self._elbo.differentiable_loss, model, guide, *args, **kwargs)
+        return functools.partial(negative_elbo, model, guide, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
 
     def _threads(self, threads):
         """The intra-op threads to step on: ``threads``, or with "auto" the faster of one and all
@@ -101,13 +116,22 @@ class ELBOStep:
         return num_threads
 
     def __call__(self, lr):
-        """Take one step at learning rate ``lr``; return the loss before it."""
+        """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
         if self._compiled_step is not None:
-            return self._compiled_step(lr)
+            value = self._compiled_step(lr)
+        else:
+            value = self._eager_step(lr)
+        return value if self.parallel is None else self.parallel.mean_loss(value)
+
+    def _eager_step(self, lr):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss()
         loss.backward()
+        if self.parallel is not None:
+            gradients = self.parallel.average([param.grad for param in self.params])
+            for param, gradient in zip(self.params, gradients):
+                param.grad = gradient
         _clip_eagerly(self)
         lazy_adam_step(self.optimizer, self.tables)
         self.optimizer.zero_grad()

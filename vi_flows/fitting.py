@@ -1,5 +1,6 @@
 """``fit``: run SVI with clipping, a decaying learning rate, a stopping rule and NaN protection."""
 
+import contextlib
 import math
 import time
 import warnings
@@ -7,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import pyro
+import torch
 from tqdm import tqdm
 
 from .pyro_internals import max_plate_nesting
 from .averaging import IterateAverage
+from .data_parallel import process_group, rank, requested as data_parallel_requested
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
 from .schedule import LearningRate, PlateauRule
@@ -76,6 +79,7 @@ def fit(
     max_rollbacks: int = 3,
     sticking_the_landing: bool | str = "auto",
     threads: int | str = "auto",
+    data_parallel: bool | str = "auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -128,9 +132,17 @@ def fit(
     ``rollbacks``. After ``max_rollbacks`` rollbacks a rise stops the fit at the best parameters
     with a warning, and a non-finite loss raises :class:`FittingError` naming the step (as does one
     before the first block, with the parameters of the last finite step restored).
+
+    ``data_parallel`` (``True``, ``False`` or ``"auto"``: where ``torchrun`` started this process as
+    one of several, or a process group of several ranks exists) fits as one rank of several
+    (:mod:`~vi_flows.data_parallel`): each draws its subsamples from its own shard of the items, the
+    ranks average their gradients and losses, and every rank ends with the whole fitted guide.
+    Without a process group, ``fit`` starts one from ``torchrun``'s environment and ends it after.
+    Only rank 0 shows progress.
     """
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    parallel = data_parallel_requested(data_parallel)
     if seed is not None:
         pyro.set_rng_seed(seed)
     budget = num_steps if num_steps is not None else max_steps
@@ -138,14 +150,19 @@ def fit(
         compile = False  # too few steps to repay the seconds of compiling
     result = FitResult()
     start = time.perf_counter()
-    bar = tqdm(total=budget, disable=not progress, desc="fit", unit="step", mininterval=1.0)
+    bar = tqdm(total=budget, disable=not progress or rank() != 0, desc="fit", unit="step", mininterval=1.0)
+    ranks = contextlib.ExitStack()  # the process group, data-parallel
     try:
         if compile:
             bar.set_description("fit: compiling the ELBO (seconds to minutes)", refresh=True)
         # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
+        if parallel:
+            ranks.enter_context(process_group(_device(guide)))
         options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads)
-        step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, **options, **kwargs)
+        step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, data_parallel=parallel, **options, **kwargs)
+        if parallel and seed is not None:
+            pyro.set_rng_seed(seed + rank())  # the ranks' own draws, from rank 0's start
         bar.set_description("fit")
         result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
         result.compile_failure, result.num_threads = step_once.compile_failure, step_once.num_threads
@@ -159,13 +176,22 @@ def fit(
         if average is not None and result.stop_reason.startswith("converged"):
             average.apply()
             result.averaged_steps = average.count
+        if parallel:
+            step_once.parallel.gather_tables(step_once.optimizer)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
+        ranks.close()
         bar.close()
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _device(guide):
+    """Where a guide's parameters live (the CPU for a guide with none, or a function)."""
+    tensors = [*guide.parameters(), *guide.buffers()] if isinstance(guide, torch.nn.Module) else []
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average=None):

@@ -117,3 +117,30 @@ def _write(result, out, parameters, say):
     except Exception as error:  # the table and plots are already written; say what is missing
         say(f"no InferenceData written ({first_line(error)})")
     return written
+
+
+def run_fit(model, flow, local, out, say, num_steps=None, seed=0, progress=True):
+    """The ``vi-flows fit`` job: fit ``AutoFlow(model, flow, local=local)`` with :func:`vi_flows.fit`
+    (data-parallel where ``torchrun`` started several ranks: every rank fits, rank 0 reports), hand
+    the summary and the global latents' medians to ``say``, and write ``guide.pt`` to ``out``: the
+    guide's ``state_dict`` and Pyro's param store (a ``PyroModule`` model's weights)."""
+    import torch
+
+    from .autoflow import DEFAULT_FLOW, AutoFlow
+    from .data_parallel import rank
+    from .draws import quantiles
+    from .fitting import fit
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow=flow or DEFAULT_FLOW, local=local)
+    result = fit(model, guide, num_steps=num_steps, seed=seed, progress=progress)
+    if rank() != 0:
+        return result
+    recent = result.losses[-100:]
+    say(f"{result.num_steps} steps in {result.seconds:.1f} s ({result.stop_reason}); ELBO {-sum(recent) / max(len(recent), 1):.6g}")
+    for name, value in quantiles(guide, [0.5], local=False).items():  # the globals'
+        if value.numel() <= 12:
+            say(f"median {name}: {[round(v, 4) for v in value.reshape(-1).tolist()]}")
+    torch.save({"guide": guide.state_dict(), "params": pyro.get_param_store().get_state()}, out / "guide.pt")
+    say(f"wrote guide.pt to {out}/")
+    return result

@@ -1,0 +1,140 @@
+r"""Data-parallel fitting on ``torch.distributed``: several processes, each stepping on its own shard
+of every subsampled plate, share one fit (:func:`vi_flows.fit` with ``data_parallel``).
+
+Each rank owns the items ``i`` with ``i % world_size == rank`` and draws its subsample of a plate
+from them alone. Its loss, scaled by the plate's ``N / B`` as Pyro scales any subsample, is an
+unbiased estimate of the full ELBO, so the mean of the ranks' gradients is one for a subsample of
+``world_size * B`` items. That mean (one all-reduce of every gradient but the per-item tables')
+moves every rank's global parameters alike; a per-item table row moves only on the rank that owns
+its item (lazy Adam, :mod:`~vi_flows.item_steps`), so tables need no communication until the end,
+when each row is taken from its owner. The loss the stopping rule and divergence guard read is the
+ranks' mean, so every rank stops, rolls back and cuts its rate at the same step.
+
+Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
+``fit`` then starts the default process group (gloo on CPU, NCCL on a GPU) if the script has not,
+and ends it afterwards.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+
+def requested(data_parallel):
+    """Whether ``fit``'s ``data_parallel`` (``True``, ``False`` or ``"auto"``) asks for it: ``"auto"``
+    where a process group of two or more ranks exists or ``torchrun`` started this process as one
+    of several."""
+    if data_parallel not in (True, False, "auto"):
+        raise ValueError(f"data_parallel must be True, False or 'auto', got {data_parallel!r}")
+    if data_parallel == "auto":
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size() > 1
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return data_parallel
+
+
+@contextlib.contextmanager
+def process_group(device):
+    """The default process group: the caller's, or one started here from ``torchrun``'s environment
+    (NCCL for a CUDA ``device``, else gloo) and destroyed on leaving."""
+    if dist.is_initialized():
+        yield
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(
+            "data_parallel=True needs several processes: launch the script with torchrun --nproc-per-node N, "
+            "or call torch.distributed.init_process_group before fit"
+        )
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.barrier()  # gloo aborts a rank that leaves while a peer still talks to it
+        dist.destroy_process_group()
+
+
+class ShardedSubsamples(Messenger):
+    """Every subsampled plate draws its subsample from this rank's items (``i % world_size == rank``);
+    a subsample the program gives (``subsample=``, or a replayed trace's) is kept."""
+
+    def __init__(self, rank, world_size):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if not site_is_subsample(msg) or msg["value"] is not None or fn.subsample_size is None or fn.subsample_size >= fn.size:
+            return
+        shard = torch.arange(self.rank, fn.size, self.world_size, device=fn.device)
+        if fn.subsample_size > len(shard):
+            raise ValueError(
+                f"plate {msg['name']!r} draws {fn.subsample_size} of {fn.size} items per step, and each of {self.world_size} "
+                f"ranks owns {len(shard)}: use a subsample size of at most {len(shard)} per rank"
+            )
+        msg["value"] = shard[torch.randperm(len(shard), device=fn.device)[: fn.subsample_size]]
+
+
+def rank():
+    """This process's rank: the process group's, or ``torchrun``'s before one exists (0 alone)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+class DataParallel:
+    """What ``fit``'s steps do across the ranks of the default process group (see the module's
+    docstring), for the trained tensors ``params`` of which ``tables`` are per-item tables."""
+
+    def __init__(self, params, tables):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        table_ids = {id(table) for table in tables}
+        self.params = list(params)
+        self.is_table = [id(param) in table_ids for param in params]
+        self.tables = [param for param in params if id(param) in table_ids]
+        self.subsamples = ShardedSubsamples(self.rank, self.world_size)
+
+    @torch.no_grad()
+    def broadcast(self, tensors):
+        """Give every rank rank 0's ``tensors`` (the start: random initialisations differ by rank)."""
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+    @torch.no_grad()
+    def average(self, gradients):
+        """The gradients of ``params`` (None: zero) with the shared parameters' replaced by their mean
+        over the ranks, in one all-reduce."""
+        shared = [index for index, is_table in enumerate(self.is_table) if not is_table]
+        if not shared:
+            return list(gradients)
+        pieces = [gradients[index] if gradients[index] is not None else torch.zeros_like(self.params[index]) for index in shared]
+        flat = torch.cat([piece.reshape(-1) for piece in pieces])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        averaged = list(gradients)
+        for index, piece in zip(shared, flat.split([piece.numel() for piece in pieces])):
+            averaged[index] = piece.view_as(self.params[index])
+        return averaged
+
+    def mean_loss(self, value):
+        """The ranks' mean of a loss value (a float)."""
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
+
+    @torch.no_grad()
+    def gather_tables(self, optimizer):
+        """Give every rank each table element from the rank whose steps moved it: the fitted guide,
+        whole, on every rank. Lazy Adam (:mod:`~vi_flows.item_steps`) leaves an element's second
+        moment (``optimizer``'s state) at zero until a step with its item moves it, and moves only
+        this rank's items; the elements no rank moved are the same on all."""
+        for table in self.tables:
+            state = optimizer.state.get(table, {})
+            moved = state["exp_avg_sq"] > 0 if "exp_avg_sq" in state else torch.zeros_like(table, dtype=torch.bool)
+            values, count = table * moved, moved.to(table.dtype)
+            dist.all_reduce(values)
+            dist.all_reduce(count)
+            # Divided by the count for a plate that is not subsampled, whose items every rank steps.
+            table.copy_(torch.where(count > 0, values / count.clamp(min=1), table))
