@@ -32,7 +32,8 @@ class ELBOStep:
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
     update) runs as one compiled graph (:class:`~vi_flows.compiled_step.CompiledAdamStep`), raising
     :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
-    keeping the reason in ``compile_failure``.
+    keeping the reason in ``compile_failure``. With ``data_parallel`` it is one rank's step of a
+    data-parallel fit in the default process group (:mod:`~vi_flows.data_parallel`, ``parallel``).
     """
 
     def __init__(
