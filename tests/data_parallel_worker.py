@@ -29,8 +29,9 @@ def averaged_gradient(out):
     dist.init_process_group("gloo")
     step = gradient_step(data_parallel=True)
     pyro.set_rng_seed(dist.get_rank())
-    step.loss().backward()
-    gradients = step.parallel.average([param.grad for param in step.params])
+    loss = step.loss()
+    loss.backward()
+    _, gradients = step.parallel.average(loss.detach(), [param.grad for param in step.params])
     shared = [gradient for gradient, is_table in zip(gradients, step.parallel.is_table) if not is_table]
     torch.save(shared, f"{out}.{dist.get_rank()}")
     dist.barrier()  # gloo aborts a rank that leaves while a peer still talks to it

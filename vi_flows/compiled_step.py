@@ -29,7 +29,8 @@ class CompiledAdamStep:
     The per-item ``tables`` among ``params`` are stepped lazily (:mod:`~vi_flows.item_steps`), and
     with ``noise_clip`` the clip follows the gradient's noise (:mod:`~vi_flows.clipping`).
 
-    With ``reduce`` (a function of the gradients' list returning another, data-parallel averaging:
+    With ``reduce`` (a function of the loss and the gradients' list returning another such pair,
+    data-parallel averaging:
     :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with its gradient and the
     update, with ``reduce`` run eagerly between them.
 
@@ -78,7 +79,8 @@ class CompiledAdamStep:
         else:
             count = len(self.params)
             loss, *gradients = self._gradient_graph(*inputs[:count])
-            self._update_graph(*inputs[:count], *self._reduce(gradients), *inputs[count:])
+            loss, gradients = self._reduce(loss, gradients)
+            self._update_graph(*inputs[:count], *gradients, *inputs[count:])
         torch._foreach_add_([state["step"] for state in states], 1.0)
         return loss.item()
 

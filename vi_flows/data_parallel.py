@@ -4,7 +4,7 @@ of every subsampled plate, share one fit (:func:`vi_flows.fit` with ``data_paral
 Each rank owns the items ``i`` with ``i % world_size == rank`` and draws its subsample of a plate
 from them alone. Its loss, scaled by the plate's ``N / B`` as Pyro scales any subsample, is an
 unbiased estimate of the full ELBO, so the mean of the ranks' gradients is one for a subsample of
-``world_size * B`` items. That mean (one all-reduce of every gradient but the per-item tables')
+``world_size * B`` items. That mean (one all-reduce of the loss and every gradient but the per-item tables')
 moves every rank's global parameters alike; a per-item table row moves only on the rank that owns
 its item (lazy Adam, :mod:`~vi_flows.item_steps`), so tables need no communication until the end,
 when each row is taken from its owner. The loss the stopping rule and divergence guard read is the
@@ -103,26 +103,19 @@ class DataParallel:
             dist.broadcast(tensor, src=0)
 
     @torch.no_grad()
-    def average(self, gradients):
-        """The gradients of ``params`` (None: zero) with the shared parameters' replaced by their mean
-        over the ranks, in one all-reduce."""
+    def average(self, loss, gradients):
+        """``(loss, gradients)`` of ``params`` (a gradient None: zero) with the loss and the shared
+        parameters' gradients replaced by their means over the ranks, in one all-reduce."""
         shared = [index for index, is_table in enumerate(self.is_table) if not is_table]
-        if not shared:
-            return list(gradients)
         pieces = [gradients[index] if gradients[index] is not None else torch.zeros_like(self.params[index]) for index in shared]
-        flat = torch.cat([piece.reshape(-1) for piece in pieces])
+        flat = torch.cat([loss.reshape(1).to(self.params[0].dtype), *(piece.reshape(-1) for piece in pieces)])
         dist.all_reduce(flat)
         flat /= self.world_size
         averaged = list(gradients)
-        for index, piece in zip(shared, flat.split([piece.numel() for piece in pieces])):
+        mean_loss, *means = flat.split([1, *(piece.numel() for piece in pieces)])
+        for index, piece in zip(shared, means):
             averaged[index] = piece.view_as(self.params[index])
-        return averaged
-
-    def mean_loss(self, value):
-        """The ranks' mean of a loss value (a float)."""
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item() / self.world_size
+        return mean_loss.reshape(()), averaged
 
     @torch.no_grad()
     def gather_tables(self, optimizer):

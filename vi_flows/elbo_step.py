@@ -118,11 +118,7 @@ class ELBOStep:
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
-        if self._compiled_step is not None:
-            value = self._compiled_step(lr)
-        else:
-            value = self._eager_step(lr)
-        return value if self.parallel is None else self.parallel.mean_loss(value)
+        return self._compiled_step(lr) if self._compiled_step is not None else self._eager_step(lr)
 
     def _eager_step(self, lr):
         for group in self.optimizer.param_groups:
@@ -130,7 +126,7 @@ class ELBOStep:
         loss = self.loss()
         loss.backward()
         if self.parallel is not None:
-            gradients = self.parallel.average([param.grad for param in self.params])
+            loss, gradients = self.parallel.average(loss.detach(), [param.grad for param in self.params])
             for param, gradient in zip(self.params, gradients):
                 param.grad = gradient
         _clip_eagerly(self)
