@@ -100,3 +100,12 @@ def test_the_fit_command_runs_under_torchrun_and_saves_the_whole_guide(tmp_path,
     # The loaded guide is the fitted one: its medians follow each group's datum.
     data = 1.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))  # the file's
     assert torch.corrcoef(torch.stack([theta, data]))[0, 1] > 0.95
+
+
+def test_the_fit_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from vi_flows.cli import main
+
+    assert main(["fit", "no_such_model", "--out", str(tmp_path)]) == 2
+    assert main(["fit", "banana", "--flow", "planar*x", "--out", str(tmp_path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "unknown model 'no_such_model'" in errors[0] and "malformed flow spec" in errors[1]
