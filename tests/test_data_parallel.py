@@ -11,7 +11,7 @@ import torch
 
 from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, gradient_step
 from test_local import closed_form, grouped_data
-from vi_flows import AutoFlow
+from vi_flows import AutoFlow, to_inference_data
 from vi_flows.data_parallel import ShardedSubsamples
 from vi_flows.zoo import load_model
 
@@ -76,9 +76,9 @@ import pyro, pyro.distributions as dist, torch
 
 DATA = 1.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))
 
-def model():
+def model(subsample_size=20):
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    with pyro.plate("groups", 200, subsample_size=20) as index:
+    with pyro.plate("groups", 200, subsample_size=subsample_size) as index:
         theta = pyro.sample("theta", dist.Normal(mu, 0.5))
         pyro.sample("y", dist.Normal(theta, 1.0), obs=DATA[index])
 '''
@@ -100,6 +100,9 @@ def test_the_fit_command_runs_under_torchrun_and_saves_the_whole_guide(tmp_path,
     # The loaded guide is the fitted one: its medians follow each group's datum.
     data = 1.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))  # the file's
     assert torch.corrcoef(torch.stack([theta, data]))[0, 1] > 0.95
+    # ArviZ from the saved guide, every group, on the model without subsampling.
+    posterior = to_inference_data(guide, source.model, subsample_size=None, num_samples=50).posterior
+    assert posterior["theta"].shape == (1, 50, 200)
 
 
 def test_the_fit_command_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
+from .autoflow.sites import subsampled_plates
 from .pyro_internals import max_plate_nesting
 
 # The particle plate Pyro's vectorised importance sampler adds around model and guide.
@@ -61,9 +62,10 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     posterior_shapes = {name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()}
     local = getattr(guide, "locals", None)
     if local is not None:
-        if local.subsampled:
+        subsampled = subsampled_plates(model_trace)
+        if subsampled:
             raise NotImplementedError(
-                f"to_inference_data runs model and guide once on all the data; plate {', '.join(local.subsampled)} is "
+                f"to_inference_data runs model and guide once on all the data; plate {', '.join(subsampled)} is "
                 "subsampled. Export from a model without subsampling (the same guide reads it)."
             )
         posterior_shapes.update(local.full_shapes)

@@ -168,11 +168,13 @@ class LocalPosterior(PyroModule):
     @torch.no_grad()
     def log_prob(self, global_draws, local_draws, *args, **kwargs):
         """The local sites' log density under the guide at given draws (``{site: (S, *site_shape)}``,
-        globals and locals), one per draw, for a model without subsampled plates."""
-        if self.subsampled:
+        globals and locals), one per draw, for a model run without subsampled plates (the guide may
+        have been fitted with them)."""
+        _, subsampled = self._items_of_run(global_draws, *args, **kwargs)
+        if subsampled:
             raise NotImplementedError(
                 f"the guide's density at given local values over every item of the subsampled plate "
-                f"{', '.join(self.subsampled)}; score a model without subsampling (the same guide reads it)"
+                f"{', '.join(subsampled)}; score a model without subsampling (the same guide reads it)"
             )
         num_draws = len(local_draws[self.names[0]])
         global_values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
