@@ -17,6 +17,7 @@ _EXPORTS = {
     "guide_moments": "draws",
     "log_density_at": "draws",
     "sample_constrained": "draws",
+    "item_scores": "item_likelihood",
     "FitResult": "fitting",
     "FittingError": "fitting",
     "fit": "fitting",
