@@ -29,10 +29,9 @@ class CompiledAdamStep:
     The per-item ``tables`` among ``params`` are stepped lazily (:mod:`~vi_flows.item_steps`), and
     with ``noise_clip`` the clip follows the gradient's noise (:mod:`~vi_flows.clipping`).
 
-    With ``reduce`` (a function of the loss and the gradients' list returning another such pair,
-    data-parallel averaging:
-    :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with its gradient and the
-    update, with ``reduce`` run eagerly between them.
+    With ``reduce`` (a function of the loss and the gradients' list returning another such pair:
+    data-parallel averaging, :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with
+    its gradient and the update, with ``reduce`` run eagerly between them.
 
     The graphs are traced, and run once (which compiles them), on copies of their inputs.
     Raises :class:`~vi_flows.CompileError` where tracing or compiling fails.
