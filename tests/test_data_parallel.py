@@ -105,6 +105,13 @@ def test_the_fit_command_runs_under_torchrun_and_saves_the_whole_guide(tmp_path,
     assert posterior["theta"].shape == (1, 50, 200)
 
 
+def test_the_fit_command_runs_in_one_process_too(tmp_path, capsys, fresh_param_store):
+    from vi_flows.cli import main
+
+    assert main(["fit", "banana", "--steps", "20", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "median x1" in capsys.readouterr().out and (tmp_path / "guide.pt").stat().st_size > 0
+
+
 def test_the_fit_command_reports_bad_input_in_one_line(tmp_path, capsys):
     from vi_flows.cli import main
 
