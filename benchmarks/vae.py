@@ -21,7 +21,7 @@ from torch import nn
 from vi_flows.autoflow.pseudo_observations import HIDDEN
 from vi_flows.models import vae_digits
 from vi_flows.report import markdown
-from vi_flows.vae import LR, POSTERIORS, fit_vae, summary_rows
+from vi_flows.vae import LR, POSTERIORS, fit_vae, steps_per_epoch, summary_rows
 
 
 def table(epochs=400, seeds=(0, 1, 2)):
@@ -63,9 +63,8 @@ def hand_written_epoch_seconds(epochs, seed=0):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     svi = SVI(vae, guide, Adam({"lr": LR}), Trace_ELBO())
-    steps = epochs * -(-len(images) // vae_digits.BATCH_SIZE)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(epochs * steps_per_epoch()):
         svi.step()
     return (time.perf_counter() - start) / epochs
 

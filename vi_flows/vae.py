@@ -52,6 +52,11 @@ class VAERun:
     seconds_per_epoch: float
 
 
+def steps_per_epoch():
+    """Steps of ``BATCH_SIZE`` images in one pass over the training images."""
+    return math.ceil(len(vae_digits.train_images()) / vae_digits.BATCH_SIZE)
+
+
 def fit_vae(posterior, seed=0, epochs=400, lr=LR, test_draws=TEST_DRAWS, progress=False, compile="auto"):
     """Fit a fresh :class:`~vi_flows.models.vae_digits.DigitsVAE` with the amortised ``posterior`` (a
     name of :data:`POSTERIORS` or a flow spec) for ``epochs`` passes over the training images, one
@@ -62,8 +67,7 @@ def fit_vae(posterior, seed=0, epochs=400, lr=LR, test_draws=TEST_DRAWS, progres
     pyro.set_rng_seed(seed)
     model = vae_digits.DigitsVAE()
     guide = AutoFlow(model, local="amortized", local_flow=spec)
-    steps_per_epoch = math.ceil(len(vae_digits.train_images()) / vae_digits.BATCH_SIZE)
-    result = fit(model, guide, num_steps=epochs * steps_per_epoch, lr=lr, num_particles=1, seed=seed, progress=progress, compile=compile)
+    result = fit(model, guide, num_steps=epochs * steps_per_epoch(), lr=lr, num_particles=1, seed=seed, progress=progress, compile=compile)
     seconds_per_epoch = (result.seconds - result.compile_seconds) / epochs
     test = vae_digits.test_images()
     scores = item_scores(model, guide, test, None, num_samples=test_draws)
@@ -86,8 +90,7 @@ def fit_vae(posterior, seed=0, epochs=400, lr=LR, test_draws=TEST_DRAWS, progres
 
 def epoch_elbos(result):
     """The training ELBO per image of each epoch: the mean of its steps' losses, negated."""
-    losses = torch.tensor(result.losses)
-    steps = math.ceil(len(vae_digits.train_images()) / vae_digits.BATCH_SIZE)
+    losses, steps = torch.tensor(result.losses), steps_per_epoch()
     epochs = len(losses) // steps
     return -(losses[: epochs * steps].reshape(epochs, steps).mean(-1) / len(vae_digits.train_images()))
 
