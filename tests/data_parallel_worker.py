@@ -45,7 +45,7 @@ def fitted_moments(out):
     result = fit(fixed_tau_model, guide, data, FIT_SUBSAMPLE, num_particles=16, seed=0, progress=False, num_steps=3000, lr=0.05, final_lr_fraction=0.001)
     draws = sample_constrained(guide, 4000, data, FIT_SUBSAMPLE)
     moments = {name: (value.double().mean(0), value.double().std(0)) for name, value in draws.items()}
-    saved = {"moments": moments, "losses": result.losses, "state": guide.state_dict(), "compiled": result.compiled}
+    saved = {"moments": moments, "losses": result.losses, "state": guide.state_dict(), "compiled": result.compiled, "compile_failure": result.compile_failure}
     torch.save(saved, f"{out}.{os.environ['RANK']}")
 
 

@@ -129,6 +129,24 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
     assert any((eager_param - first).abs().max() > 1e-3 for eager_param, first in zip(eager_params, start))
 
 
+def test_building_the_compiled_step_runs_nothing_and_draws_nothing():
+    """It may run on another thread while the fit steps: the fit's tensors and random draws are its own."""
+    module = load_model("banana")
+    guide, _, step = _eager_step(module)
+    step(1e-2)  # eager Adam has its state
+    graph = _traced(module, guide, step)
+    before = [param.detach().clone() for param in step.params], copy.deepcopy(step.optimizer.state_dict())
+    rng_state = torch.get_rng_state()
+    compiled = CompiledAdamStep(graph, step.params, step.optimizer, clip_norm=10.0)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert all(torch.equal(param, old) for param, old in zip(step.params, before[0]))
+    state = step.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[key][name], value) for key, old in before[1]["state"].items() for name, value in old.items())
+    compiled.warm_up()
+    assert all(torch.equal(param, old) for param, old in zip(step.params, before[0]))
+    assert isinstance(compiled(1e-2), float) and not torch.equal(step.params[0], before[0][0])
+
+
 def test_compiled_step_loss_and_gradient_have_the_eager_means():
     """The compiled graph draws its own random numbers: compare means over many draws. With the
     learning rate 0 and Adam's state zeroed before each call, a step leaves the parameters where

@@ -64,7 +64,7 @@ def test_a_two_process_fit_matches_the_closed_form_on_every_rank(tmp_path):
     for name in ranks[0]["state"]:
         torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
     assert ranks[0]["losses"] == ranks[1]["losses"]
-    assert ranks[0]["compiled"]
+    assert ranks[0]["compiled"], ranks[0]["compile_failure"]
     for name, (mean, sd) in closed_form(grouped_data(FIT_ITEMS)).items():
         got_mean, got_sd = ranks[0]["moments"][name]
         assert ((got_mean - mean) / sd).abs().max() < 0.1, name

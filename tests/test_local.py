@@ -180,13 +180,13 @@ def test_a_local_prior_that_is_not_gaussian_is_fitted_mean_field_with_a_warning(
         AutoFlow(model).setup(torch.zeros(20))
 
 
-def test_a_subsampled_fit_averages_its_last_iterates(fresh_param_store):
+def test_a_fit_by_plateaus_averages_its_last_iterates_and_one_of_fixed_steps_does_not(fresh_param_store):
     data = grouped_data(200)
     guide = AutoFlow(fixed_tau_model, flow="planar", local="per-item")
     result = fit(fixed_tau_model, guide, data, 50, num_particles=4, seed=0, progress=False, compile=False, window=100, warmup_steps=10)
     assert result.stop_reason.startswith("converged") and result.averaged_steps >= 200  # two windows at the last rate
-    full_batch = fit(fixed_tau_model, AutoFlow(fixed_tau_model, flow="planar", local="per-item", name="full"), data, num_steps=20, progress=False)
-    assert full_batch.averaged_steps == 0
+    fixed_steps = fit(fixed_tau_model, AutoFlow(fixed_tau_model, flow="planar", local="per-item", name="full"), data, num_steps=20, progress=False)
+    assert fixed_steps.averaged_steps == 0
 
 
 def test_iterate_average_is_the_mean_of_the_iterates():

@@ -1,9 +1,12 @@
-"""Iterate averaging for fits on subsampled data.
+"""Iterate averaging for fits by plateaus.
 
-With a subsampled plate the gradient's noise does not vanish at the optimum, so the last iterate
-sits a random distance from it, a distance that shrinks only as fast as the learning rate does.
-The mean of the iterates of the final, lowest-rate phase is much closer (Polyak & Juditsky, "Acceleration
-of stochastic approximation by averaging", SIAM J. Control Optim. 1992).
+A Monte Carlo gradient's noise does not vanish at the optimum (on a subsampled plate it is
+larger still), so the last iterate sits a random distance from it, a distance that shrinks only as
+fast as the learning rate does. The mean of the iterates of the final, lowest-rate phase is much
+closer (Polyak & Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J. Control
+Optim. 1992). Measured on the default fit of ``hierarchical_100`` (seed 0, full batch, 64
+particles): the last iterate's mean of ``mu`` was 0.154 posterior sds off, the average of its last
+3000 iterates 0.001 (RESULTS.md, "Time to a good posterior").
 """
 
 import torch

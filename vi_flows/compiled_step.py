@@ -10,13 +10,13 @@ Adam's moments stay in the optimiser's own state (``torch.optim.Adam``'s ``exp_a
 """
 
 import functools
-import warnings
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .clipping import clip_gradient
 from .compiled_elbo import CompileError
+from .inductor import compile_graph
 from .item_steps import lazy_mask
 from .messages import first_line
 
@@ -25,7 +25,8 @@ class CompiledAdamStep:
     """``step(lr)``: one step of Adam (``optimizer``'s betas and eps) on the gradient of
     ``loss_graph(*params)`` clipped elementwise (:func:`~vi_flows.clipping.clip_gradient`), updating ``params``
     and ``optimizer``'s state in place, through one graph compiled with ``backend`` (None: the
-    traced graph, uncompiled, which draws what eager mode draws). Returns the loss before the step.
+    traced graph, uncompiled, which draws what eager mode draws) for ``num_threads`` intra-op
+    threads (None: the current setting). Returns the loss before the step.
     The per-item ``tables`` among ``params`` are stepped lazily (:mod:`~vi_flows.item_steps`), and
     with ``noise_clip`` the clip follows the gradient's noise (:mod:`~vi_flows.clipping`).
 
@@ -33,11 +34,14 @@ class CompiledAdamStep:
     data-parallel averaging, :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with
     its gradient and the update, with ``reduce`` run eagerly between them.
 
-    The graphs are traced, and run once (which compiles them), on copies of their inputs.
-    Raises :class:`~vi_flows.CompileError` where tracing or compiling fails.
+    Building it traces the graphs on fake tensors and compiles them, running nothing and touching
+    neither ``params`` nor ``optimizer``, so it can run on another thread while the fit steps
+    eagerly (:class:`~vi_flows.elbo_step.ELBOStep`). :meth:`warm_up` runs the step once on copies of
+    its inputs; the first real step gives each parameter Adam state where it has none. Raises
+    :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 
-    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None):
+    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
             raise ValueError("CompiledAdamStep takes plain Adam over one parameter group")
@@ -45,21 +49,17 @@ class CompiledAdamStep:
         self._lr = torch.zeros((), dtype=torch.float64)
         lazy = [any(param is table for table in tables) for param in params]
         apply = _adam_apply(lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
-        self._reduce = reduce
-        with torch.no_grad():
-            for param in params:
-                _init_adam_state(optimizer, param)
-            _, inputs = self._inputs()
-            # Tracing and the first call run the step: on copies, as the step updates its inputs.
-            copies = [tensor.detach().clone().requires_grad_(tensor.requires_grad) for tensor in inputs]
+        self._reduce, self._has_state = reduce, False
+        self._examples = _example_inputs(params, self._lr)
+        compile = functools.partial(_compiled, backend=backend, num_threads=num_threads or torch.get_num_threads())
         count = len(params)
         if reduce is None:
-            self._graph = _compiled(_one_graph(loss_graph, apply, count), copies, backend)
+            self._graph = compile(_one_graph(loss_graph, apply, count), self._examples)
             return
-        self._gradient_graph = _compiled(functools.partial(_loss_and_gradients, loss_graph), copies[:count], backend)
+        self._gradient_graph = compile(functools.partial(_loss_and_gradients, loss_graph), self._examples[:count])
         with torch.no_grad():
             gradients = [torch.zeros_like(param) for param in params]
-        self._update_graph = _compiled(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*copies[:count], *gradients, *copies[count:]], backend)
+        self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*self._examples[:count], *gradients, *self._examples[count:]])
 
     def _inputs(self):
         """The optimiser's per-parameter states and the graph's inputs. Read at every step: restoring
@@ -70,36 +70,60 @@ class CompiledAdamStep:
         return states, (*self.params, *averages, *squares, states[0]["step"], self._lr)
 
     @torch.no_grad()
+    def warm_up(self):
+        """Run the step once on copies of its inputs: the compiled code's first call, which loads it."""
+        copies = [tensor.clone().requires_grad_(tensor.requires_grad) for tensor in self._examples]
+        try:
+            self._run(copies, reduce=False)
+        except Exception as failure:  # the compiled code raises many types; eager mode still works
+            raise CompileError(f"the compiled step failed at its first run ({first_line(failure)})") from failure
+
+    @torch.no_grad()
     def __call__(self, lr):
+        if not self._has_state:
+            for param in self.params:
+                _init_adam_state(self.optimizer, param)
+            self._has_state = True
         self._lr.fill_(lr)
         states, inputs = self._inputs()
-        if self._reduce is None:
-            loss = self._graph(*inputs)
-        else:
-            count = len(self.params)
-            loss, *gradients = self._gradient_graph(*inputs[:count])
-            loss, gradients = self._reduce(loss, gradients)
-            self._update_graph(*inputs[:count], *gradients, *inputs[count:])
+        loss = self._run(inputs, reduce=self._reduce is not None)
         torch._foreach_add_([state["step"] for state in states], 1.0)
         return loss.item()
 
+    def _run(self, inputs, reduce):
+        if self._reduce is None:
+            return self._graph(*inputs)
+        count = len(self.params)
+        loss, *gradients = self._gradient_graph(*inputs[:count])
+        if reduce:
+            loss, gradients = self._reduce(loss, gradients)
+        self._update_graph(*inputs[:count], *gradients, *inputs[count:])
+        return loss
 
-def _compiled(function, example_inputs, backend):
-    """``function`` traced (``make_fx``) and compiled with ``backend`` (None: the traced graph), run
-    once on ``example_inputs``, which it may update."""
+
+def _example_inputs(params, lr):
+    """Tensors shaped as the step's inputs: params (copies), Adam's moments, its step count, ``lr``."""
+    with torch.no_grad():
+        copies = [param.detach().clone().requires_grad_(param.requires_grad) for param in params]
+        averages, squares = ([torch.zeros_like(param) for param in params] for _ in range(2))
+        step = torch.zeros((), dtype=torch.float32, device=params[0].device)  # as fused Adam keeps it
+    return [*copies, *averages, *squares, step, lr.clone()]
+
+
+def _compiled(function, example_inputs, backend, num_threads):
+    """``function`` traced (``make_fx``, on fake tensors: nothing runs) and compiled with ``backend``
+    (None: the traced graph) for inputs shaped as ``example_inputs``."""
     try:
-        graph = make_fx(function)(*example_inputs)
+        # Fake tensors: shapes only, so no random draw is taken from the fit's generator.
+        graph = make_fx(function, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
     except Exception as failure:  # tracing raises many types; eager mode still works
         raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
+    if backend is None:
+        return graph
     try:
-        compiled = graph if backend is None else torch.compile(graph, backend=backend, fullgraph=True, dynamic=False)
-        with warnings.catch_warnings(), torch.no_grad():
-            # The compiler's own deprecation notices say nothing about the user's model.
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
-            compiled(*example_inputs)  # torch.compile compiles at the first call
+        return compile_graph(graph, example_inputs, num_threads)
     except Exception as failure:  # the compilers raise many types; eager mode still works
         raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
-    return compiled
 
 
 def _init_adam_state(optimizer, param):

@@ -1,0 +1,34 @@
+"""Compiling an already traced graph with TorchInductor, without TorchDynamo: the one place that
+reads PyTorch's private compiler API, so a PyTorch upgrade touches this file only.
+
+``fit``'s step is a graph of ATen operations traced with ``make_fx`` (:mod:`~vi_flows.compiled_step`).
+Handing it to ``torch.compile`` makes Dynamo trace its Python code once more, op by op, before
+Inductor's cache is even asked: on the default flow's step (about 3600 operations, the 10-D funnel)
+that took 8 s of the 8.1 s a compile cost with every cache warm. Inductor's ``compile_fx``, the
+function Dynamo calls, takes the graph as it is; given a fake-tensor context with a shape
+environment (what Dynamo would have made), its FX graph cache answers as under Dynamo.
+
+Inductor writes the thread count into its CPU kernels; it is passed in, not read from the global
+setting, so a graph can be compiled on a background thread while another runs the fit.
+"""
+
+import torch
+
+try:  # private: its home has moved between releases
+    from torch._inductor import config
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+except ImportError:  # pragma: no cover - fall back to the public route
+    compile_fx = None
+
+
+def compile_graph(graph, example_inputs, num_threads):
+    """``graph`` (an ``fx.GraphModule`` of ATen operations) compiled by Inductor for inputs shaped
+    as ``example_inputs`` (static shapes) and ``num_threads`` intra-op threads; a callable of the
+    same inputs. Nothing is run. Compiled for inference: a gradient the graph needs is in it."""
+    if compile_fx is None:
+        return torch.compile(graph, fullgraph=True, dynamic=False)
+    with torch.no_grad(), config.patch({"cpp.threads": num_threads}), tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return compile_fx(graph, list(example_inputs))
