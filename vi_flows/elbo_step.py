@@ -11,19 +11,12 @@ from pyro.infer import Trace_ELBO
 
 from .clipping import clip_gradient
 from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
-from .background import InBackground
 from .compiled_step import CompiledAdamStep
 from .data_parallel import DataParallel
 from .item_steps import lazy_adam_step
 from .particles import choose
 from .pyro_internals import trained_parameters
-from .threads import fastest_threads, intra_op_threads
-
-# With compile="auto" the compiled step takes over at this step, whatever the clock says, so that
-# a seeded fit takes the same steps on every run. The compiler runs meanwhile; with PyTorch's
-# caches warm it needed 4-5 s for the default flow on the 10-D funnel, as long as these steps take
-# eagerly (18-22 ms each with the path derivative; python benchmarks/numpyro_peer.py kl).
-EAGER_STEPS_WHILE_COMPILING = 250
+from .threads import fastest_threads
 
 
 class ELBOStep:
@@ -38,11 +31,8 @@ class ELBOStep:
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
     update) runs as one compiled graph (:class:`~vi_flows.compiled_step.CompiledAdamStep`), raising
-    :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` the first
-    ``EAGER_STEPS_WHILE_COMPILING`` steps run eagerly while a background thread compiles, the next
-    waits for it if need be and switches (``compiled_from_step``), and where compiling fails the
-    steps stay eager, the reason kept in ``compile_failure``. ``compile_seconds`` is how long the
-    steps stood waiting for the compiler (tracing included). With ``data_parallel`` it is one rank's step of a
+    :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
+    keeping the reason in ``compile_failure``. With ``data_parallel`` it is one rank's step of a
     data-parallel fit in the default process group (:mod:`~vi_flows.data_parallel`, ``parallel``).
     """
 
@@ -83,31 +73,26 @@ class ELBOStep:
             self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
-        self.compiled, self.compile_failure, self.compile_seconds, self.compiled_from_step = False, "", 0.0, None
-        self._compiled_step, self._in_background, self._steps = None, None, 0
+        self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
+        self._compiled_step = None
         if compile:
-            self._compile(model, guide, args, kwargs, sticking_the_landing, compile)
+            start = time.perf_counter()
+            try:
+                self._compiled_step = self._compile(model, guide, args, kwargs, sticking_the_landing)
+                self.compiled = True
+            except CompileError as failure:
+                if compile is True:
+                    raise
+                self.compile_failure = str(failure)
+            self.compile_seconds = time.perf_counter() - start
 
-    def _compile(self, model, guide, args, kwargs, sticking_the_landing, compile):
-        """Trace the loss (here: model and guide run Pyro, whose handlers are global), then build the
-        compiled step: here with ``compile=True``, on a background thread with ``"auto"``."""
-        start = time.perf_counter()
-        try:
-            with intra_op_threads(self.num_threads):  # the compiled kernels are built for this many
-                graph = trace_negative_elbo(model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
-                reduce = self.parallel.average if self.parallel is not None else None
-                build = functools.partial(
-                    CompiledAdamStep, graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads
-                )
-                if compile == "auto":
-                    self._in_background = InBackground(build)
-                else:
-                    self._switch_to(build())
-        except CompileError as failure:
-            if compile is True:
-                raise
-            self.compile_failure = str(failure)
-        self.compile_seconds += time.perf_counter() - start
+    def _compile(self, model, guide, args, kwargs, sticking_the_landing):
+        """The whole step traced, compiled and run once on copies of its inputs."""
+        graph = trace_negative_elbo(model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+        reduce = self.parallel.average if self.parallel is not None else None
+        compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads)
+        compiled_step.warm_up()
+        return compiled_step
 
     def _loss(self, model, guide, args, kwargs, sticking_the_landing):
         """The loss of one step, a function of nothing."""
@@ -135,25 +120,7 @@ class ELBOStep:
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
-        if self._in_background is not None and self._steps == EAGER_STEPS_WHILE_COMPILING:
-            self._collect()
-        self._steps += 1
         return self._compiled_step(lr) if self._compiled_step is not None else self._eager_step(lr)
-
-    def _collect(self):
-        """Wait for the step compiled in the background and switch to it; or, where compiling failed,
-        keep stepping eagerly and say why in ``compile_failure``."""
-        start = time.perf_counter()
-        in_background, self._in_background = self._in_background, None
-        try:
-            self._switch_to(in_background.result())
-        except CompileError as failure:
-            self.compile_failure = str(failure)
-        self.compile_seconds += time.perf_counter() - start
-
-    def _switch_to(self, compiled_step):
-        compiled_step.warm_up()
-        self._compiled_step, self.compiled, self.compiled_from_step = compiled_step, True, self._steps
 
     def _eager_step(self, lr):
         for group in self.optimizer.param_groups:

@@ -41,11 +41,10 @@ class FittingError(RuntimeError):
 @dataclass
 class FitResult:
     """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
-    included), why it stopped, whether its steps ran compiled (from step ``compiled_from_step``
-    on), how long the steps stood waiting for the compiler (``compile_seconds``) and, where
-    compiling was tried and failed, why, each rollback after the loss diverged (what was seen, what
-    was restored), and how many intra-op threads the steps ran on. ``(seconds - compile_seconds) /
-    num_steps`` is the mean time per step."""
+    included), why it stopped, whether its steps ran compiled, how long compiling took and, where
+    it was tried and failed, why, each rollback after the loss diverged (what was seen, what was
+    restored), and how many intra-op threads the steps ran on. ``(seconds - compile_seconds) /
+    num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -54,7 +53,6 @@ class FitResult:
     compiled: bool = False
     compile_seconds: float = 0.0
     compile_failure: str = ""
-    compiled_from_step: int | None = None
     rollbacks: list = field(default_factory=list)
     num_threads: int = 0
     averaged_steps: int = 0
@@ -108,11 +106,9 @@ def fit(
     5-7 s with PyTorch's caches warm, about a minute with them empty). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
-    ``COMPILE_MIN_STEPS`` steps or more, on a background thread while the first
-    ``EAGER_STEPS_WHILE_COMPILING`` (250) steps run eagerly (:class:`~vi_flows.elbo_step.ELBOStep`;
-    a seeded fit takes the same steps on every run), and steps eagerly, through Pyro's
-    ``Trace_ELBO``, where compiling fails (the result's ``compile_failure`` says why); ``True``
-    raises :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
+    ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
+    compiling fails (the result's ``compile_failure`` says why); ``True`` raises
+    :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
 
     ``threads``: the intra-op threads the steps run on. ``"auto"`` times a few evaluations of the loss
     on one thread and on all (``torch.get_num_threads()``) and keeps one unless all are 1.2x faster:
@@ -156,9 +152,8 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(total=budget, disable=not progress or rank() != 0, desc="fit", unit="step", mininterval=1.0)
     ranks = contextlib.ExitStack()  # the process group, data-parallel
-    step_once = None
     try:
-        if compile is True:
+        if compile:
             bar.set_description("fit: compiling the ELBO (seconds to minutes)", refresh=True)
         # Counting plates up front also sets the guide up, and keeps Pyro from logging its guess.
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
@@ -169,7 +164,8 @@ def fit(
         if parallel and seed is not None:
             pyro.set_rng_seed(seed + rank())  # the ranks' own draws, from rank 0's start
         bar.set_description("fit")
-        result.num_threads = step_once.num_threads
+        result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
+        result.compile_failure, result.num_threads = step_once.compile_failure, step_once.num_threads
         learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
         plateaus = PlateauRule(window) if num_steps is None else None
         guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
@@ -185,18 +181,11 @@ def fit(
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
-        if step_once is not None:
-            _record_compiling(result, step_once)
         ranks.close()
         bar.close()
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
-
-
-def _record_compiling(result, step_once):
-    result.compiled, result.compiled_from_step = step_once.compiled, step_once.compiled_from_step
-    result.compile_seconds, result.compile_failure = step_once.compile_seconds, step_once.compile_failure
 
 
 def _device(guide):

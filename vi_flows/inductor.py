@@ -8,8 +8,8 @@ that took 8 s of the 8.1 s a compile cost with every cache warm. Inductor's ``co
 function Dynamo calls, takes the graph as it is; given a fake-tensor context with a shape
 environment (what Dynamo would have made), its FX graph cache answers as under Dynamo.
 
-Inductor writes the thread count into its CPU kernels; it is passed in, not read from the global
-setting, so a graph can be compiled on a background thread while another runs the fit.
+Inductor writes the thread count into its CPU kernels; it is passed in (the threads the fit will
+step on), not read from the global setting.
 """
 
 import torch
