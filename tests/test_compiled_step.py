@@ -130,7 +130,7 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
 
 
 def test_building_the_compiled_step_runs_nothing_and_draws_nothing():
-    """It may run on another thread while the fit steps: the fit's tensors and random draws are its own."""
+    """Only the warm-up runs the step, on copies; only a real step moves the parameters."""
     module = load_model("banana")
     guide, _, step = _eager_step(module)
     step(1e-2)  # eager Adam has its state

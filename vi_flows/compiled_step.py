@@ -34,11 +34,10 @@ class CompiledAdamStep:
     data-parallel averaging, :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with
     its gradient and the update, with ``reduce`` run eagerly between them.
 
-    Building it traces the graphs on fake tensors and compiles them, running nothing and touching
-    neither ``params`` nor ``optimizer``, so it can run on another thread while the fit steps
-    eagerly (:class:`~vi_flows.elbo_step.ELBOStep`). :meth:`warm_up` runs the step once on copies of
-    its inputs; the first real step gives each parameter Adam state where it has none. Raises
-    :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
+    Building it traces the graphs on fake tensors and compiles them: nothing runs, no random number
+    is drawn, neither ``params`` nor ``optimizer`` is touched. :meth:`warm_up` runs the step once on
+    copies of its inputs; the first real step gives each parameter Adam state where it has none.
+    Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 
     def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None):

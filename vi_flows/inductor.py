@@ -12,11 +12,13 @@ Inductor writes the thread count into its CPU kernels; it is passed in (the thre
 step on), not read from the global setting.
 """
 
+import warnings
+
 import torch
 
 try:  # private: its home has moved between releases
-    from torch._inductor import config
     from torch._guards import TracingContext, tracing
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -30,5 +32,8 @@ def compile_graph(graph, example_inputs, num_threads):
     same inputs. Nothing is run. Compiled for inference: a gradient the graph needs is in it."""
     if compile_fx is None:
         return torch.compile(graph, fullgraph=True, dynamic=False)
-    with torch.no_grad(), config.patch({"cpp.threads": num_threads}), tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        return compile_fx(graph, list(example_inputs))
+    with warnings.catch_warnings(), torch.no_grad(), config.patch({"cpp.threads": num_threads}):
+        # The compiler's own deprecation notices say nothing about the user's model.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+            return compile_fx(graph, list(example_inputs))
