@@ -20,9 +20,10 @@ from .schedule import LearningRate, PlateauRule
 from .threads import intra_op_threads
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: a compiled step
-# saves 2-9 ms against an eager one (python benchmarks/bench.py speed); compiling the default flow's
-# step takes 0.3-11 s from PyTorch's cache and up to about a minute with an empty one (RESULTS.md,
-# "Against NumPyro"), so such a run repays it when the cache is warm.
+# saves 2-18 ms against an eager one (python benchmarks/bench.py speed; 20 vs 2 ms for the default
+# flow on the 10-D funnel); compiling the default flow's step takes 3-7 s from PyTorch's cache and
+# about a minute with an empty one (RESULTS.md, "Time to a good posterior"), so such a run repays it
+# when the cache is warm.
 COMPILE_MIN_STEPS = 2000
 
 
