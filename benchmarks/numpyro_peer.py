@@ -10,8 +10,8 @@ the default ``AutoFlow``, beside NumPyro's ``jit(svi.update)`` on ``AutoDiagonal
 ``kl`` prints the seconds, compiling included, until KL(q || p) = log Z - ELBO (from 4096 draws,
 checked every 250 steps, the checks not timed) is at most 0.05 on the 10-D funnel and the banana:
 the default ``AutoFlow`` with ``fit``'s default step (64 particles, learning rate 1e-2 after its
-warm-up), from an empty Inductor cache (a fresh process each) and a warm one, against NumPyro's IAF and BNAF guides, whose 250-step
-blocks run in one ``lax.scan``.
+warm-up), from an empty Inductor cache (a fresh process each) and a warm one, against NumPyro's
+IAF and BNAF guides, whose 250-step blocks run in one ``lax.scan``.
 ``grid`` prints the KL that NumPyro's flow guides reach in 10000 steps over learning rates and
 particle counts, which chose the settings of ``kl``.
 """
@@ -99,13 +99,13 @@ NUMPYRO_KL_GUIDES = {
 TARGETS = {"funnel": (pyro_funnel(10), numpyro_funnel(10)), "banana": (pyro_banana, numpyro_banana)}
 
 
-def _our_step(model, make_guide, num_particles, seed=0, sticking_the_landing="auto", compile=True):
-    """``fit``'s step for a fresh guide (compiled; with ``"auto"``, eager where compiling fails), and the guide."""
+def _our_step(model, make_guide, num_particles, seed=0, sticking_the_landing="auto"):
+    """``fit``'s compiled step for a fresh guide, and the guide."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     guide = make_guide(model)
     nesting = max_plate_nesting(model, guide)
-    options = dict(compile=compile, threads="auto", sticking_the_landing=sticking_the_landing)
+    options = dict(compile=True, threads="auto", sticking_the_landing=sticking_the_landing)
     return ELBOStep(model, guide, num_particles=num_particles, max_plate_nesting=nesting, **options), guide
 
 
@@ -158,7 +158,7 @@ def our_seconds_to_kl(model, seed):
     under fit's default step and learning rate, the steps taken and the last KL; None seconds where
     MAX_STEPS pass first."""
     start = time.perf_counter()
-    step, guide = _our_step(model, AutoFlow, 64, seed, compile="auto")
+    step, guide = _our_step(model, AutoFlow, 64, seed)
     learning_rate = LearningRate(1e-2, warmup_steps=100)
     elapsed = 0.0
     with intra_op_threads(step.num_threads):
@@ -248,7 +248,7 @@ def numpyro_grid(seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="?", default="all", choices=["step", "kl", "grid", "all", "kl-ours"])
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for kl")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for kl (one for kl-ours)")
     parser.add_argument("--target", choices=list(TARGETS), help="kl-ours: our seconds to KL on this target only")
     args = parser.parse_args(argv)
     if args.which == "kl-ours":  # one cell of the kl table, in a process of its own

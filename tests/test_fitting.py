@@ -47,6 +47,7 @@ def test_fit_without_num_steps_stops_on_a_converged_problem():
     result = fit(model, AutoFlow(model, flow="planar*2"), seed=0, progress=False, max_steps=6000, window=300)
     assert result.stop_reason.startswith("converged") and result.num_steps < 6000
     assert len(result.losses) == result.num_steps and result.seconds > 0
+    assert result.averaged_steps >= 2 * 300  # it ends at the mean of its last rate's iterates
 
 
 def test_fit_with_num_steps_runs_exactly_that_many():

@@ -25,7 +25,7 @@ class IterateAverage:
         if self.mean is None:
             self.mean = [param.detach().clone() for param in self.params]
         else:
-            torch._foreach_lerp_(self.mean, [param.detach() for param in self.params], 1.0 / self.count)
+            torch._foreach_lerp_(self.mean, self.params, 1.0 / self.count)  # no_grad: no detach needed
 
     @torch.no_grad()
     def apply(self):

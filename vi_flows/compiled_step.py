@@ -35,9 +35,9 @@ class CompiledAdamStep:
     its gradient and the update, with ``reduce`` run eagerly between them.
 
     Building it traces the graphs on fake tensors and compiles them: nothing runs, no random number
-    is drawn, neither ``params`` nor ``optimizer`` is touched. :meth:`warm_up` runs the step once on
-    copies of its inputs; the first real step gives each parameter Adam state where it has none.
-    Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
+    is drawn, ``params`` keep their values; a parameter without Adam state gets it, zero, as
+    ``torch.optim.Adam`` would at its first step. :meth:`warm_up` runs the step once on copies of its
+    inputs. Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 
     def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None):
@@ -48,17 +48,19 @@ class CompiledAdamStep:
         self._lr = torch.zeros((), dtype=torch.float64)
         lazy = [any(param is table for table in tables) for param in params]
         apply = _adam_apply(lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
-        self._reduce, self._has_state = reduce, False
-        self._examples = _example_inputs(params, self._lr)
+        self._reduce = reduce
+        examples = _example_inputs(params, self._lr)
         compile = functools.partial(_compiled, backend=backend, num_threads=num_threads or torch.get_num_threads())
         count = len(params)
         if reduce is None:
-            self._graph = compile(_one_graph(loss_graph, apply, count), self._examples)
-            return
-        self._gradient_graph = compile(functools.partial(_loss_and_gradients, loss_graph), self._examples[:count])
-        with torch.no_grad():
-            gradients = [torch.zeros_like(param) for param in params]
-        self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*self._examples[:count], *gradients, *self._examples[count:]])
+            self._graph = compile(_one_graph(loss_graph, apply, count), examples)
+        else:
+            self._gradient_graph = compile(functools.partial(_loss_and_gradients, loss_graph), examples[:count])
+            with torch.no_grad():
+                gradients = [torch.zeros_like(param) for param in params]
+            self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*examples[:count], *gradients, *examples[count:]])
+        for param in params:
+            _init_adam_state(optimizer, param)
 
     def _inputs(self):
         """The optimiser's per-parameter states and the graph's inputs. Read at every step: restoring
@@ -71,18 +73,13 @@ class CompiledAdamStep:
     @torch.no_grad()
     def warm_up(self):
         """Run the step once on copies of its inputs: the compiled code's first call, which loads it."""
-        copies = [tensor.clone().requires_grad_(tensor.requires_grad) for tensor in self._examples]
         try:
-            self._run(copies, reduce=False)
+            self._run(_example_inputs(self.params, self._lr), reduce=False)
         except Exception as failure:  # the compiled code raises many types; eager mode still works
             raise CompileError(f"the compiled step failed at its first run ({first_line(failure)})") from failure
 
     @torch.no_grad()
     def __call__(self, lr):
-        if not self._has_state:
-            for param in self.params:
-                _init_adam_state(self.optimizer, param)
-            self._has_state = True
         self._lr.fill_(lr)
         states, inputs = self._inputs()
         loss = self._run(inputs, reduce=self._reduce is not None)
@@ -101,7 +98,7 @@ class CompiledAdamStep:
 
 
 def _example_inputs(params, lr):
-    """Tensors shaped as the step's inputs: params (copies), Adam's moments, its step count, ``lr``."""
+    """Fresh inputs for the step: copies of the params, zero Adam moments and step count, ``lr``."""
     with torch.no_grad():
         copies = [param.detach().clone().requires_grad_(param.requires_grad) for param in params]
         averages, squares = ([torch.zeros_like(param) for param in params] for _ in range(2))

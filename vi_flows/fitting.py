@@ -104,7 +104,7 @@ def fit(
     ``compile``: with ``True`` the loss is traced into one graph and compiled by TorchInductor with
     its gradient and update (see :mod:`~vi_flows.compiled_step`) before the first step: a step then
     costs 0.1-0.5x an eager one, after seconds of compiling (the default flow on the 10-D funnel:
-    5-7 s with PyTorch's caches warm, about a minute with them empty). This
+    3-7 s with PyTorch's caches warm, about a minute with them empty). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
