@@ -60,7 +60,7 @@ def test_fit_with_num_steps_runs_exactly_that_many():
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_nan_loss_names_the_step_and_restores_finite_parameters(compile):
+def test_a_nan_loss_that_rolling_back_cannot_cure_names_the_step_and_restores_finite_parameters(compile):
     def model():
         x = pyro.sample("x", dist.ImproperUniform(dist.constraints.real, (), ()))
         # The density pulls x towards 5 but is undefined beyond 2: fitting must run into NaN.
@@ -69,7 +69,7 @@ def test_nan_loss_names_the_step_and_restores_finite_parameters(compile):
     pyro.clear_param_store()
     guide = AutoFlow(model, flow="planar", init_scale=0.01)
     with pytest.raises(FittingError, match=r"at step \d+; the guide's parameters are restored") as error:
-        fit(model, guide, num_steps=5000, lr=5e-2, progress=False, seed=0, compile=compile)
+        fit(model, guide, num_steps=5000, lr=5e-2, progress=False, seed=0, compile=compile, max_rollbacks=0)
     step = int(str(error.value).split("at step ")[1].split(";")[0])
     assert step > 0
     assert error.value.result.num_steps == step and len(error.value.result.losses) == step
@@ -307,6 +307,15 @@ def test_a_nan_loss_after_the_first_block_rolls_back_instead_of_failing(monkeypa
     guide, result, _ = _gaussian_fit_with_kicks(monkeypatch, {400: float("nan")}, num_steps=800)
     assert len(result.rollbacks) == 1 and result.rollbacks[0].startswith("the loss was nan at step 400")
     assert result.num_steps == 799  # the NaN step is not in the trace
+    _assert_close_to_the_posterior(guide)
+
+
+def test_a_nan_loss_in_the_first_block_rolls_back_to_the_start(monkeypatch):
+    """Before, it raised FittingError with the last finite step's parameters restored: the default
+    fit of a 300-coefficient regression diverged so at the top of its warm-up, from a sound start."""
+    guide, result, rates = _gaussian_fit_with_kicks(monkeypatch, {50: float("nan")}, num_steps=800)
+    assert result.rollbacks == ["the loss was nan at step 50: restored the parameters of the start and cut the learning rate"]
+    assert rates[51] == pytest.approx(0.2 * rates[50] * 52 / 51, rel=1e-6)  # cut, in the warm-up
     _assert_close_to_the_posterior(guide)
 
 

@@ -19,6 +19,7 @@ from vi_flows import (
     registered_flow,
 )
 from vi_flows.cli import main
+from vi_flows.flows.iaf import MAX_DEFAULT_HIDDEN_DIM
 
 
 def test_parse_spec_reads_terms_counts_and_aliases():
@@ -70,6 +71,21 @@ def test_build_flow_passes_family_and_shared_keyword_arguments():
     assert isinstance(build_flow("sylvester", 6), HouseholderSylvester)
     with pytest.raises(TypeError):
         build_flow("planar", 3, hidden_dim=5)
+
+
+def test_the_default_iaf_width_stops_growing_and_a_narrower_made_stays_exact():
+    assert IAF(10).hidden_dim == 40 and IAF(400).hidden_dim == MAX_DEFAULT_HIDDEN_DIM
+    torch.manual_seed(0)
+    flow = IAF(12, num_layers=1, hidden_dim=4).double()
+    with torch.no_grad():
+        flow.output_weight.normal_()
+    x = torch.randn(12, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(flow, x)
+    assert torch.equal(jacobian.triu(1), torch.zeros_like(jacobian))  # autoregressive
+    # Four hidden degrees spread over 1..11 rather than the first four: the last output sees input 9.
+    assert jacobian[-1, 8] != 0
+    torch.testing.assert_close(flow.log_abs_det_jacobian(x, flow(x)), torch.linalg.slogdet(jacobian)[1], atol=1e-10, rtol=0)
+    torch.testing.assert_close(flow.inv(flow(x)), x, atol=1e-10, rtol=0)
 
 
 def test_user_flow_that_is_not_stackable_is_composed():

@@ -4,6 +4,7 @@ The compiled step's agreement with these eager steps is in ``test_compiled_step.
 
 import pytest
 import torch
+from pyro.infer.autoguide import AutoGuideList
 
 from vi_flows import AutoFlow
 from vi_flows.clipping import NOISE_CLIP, clip_gradient
@@ -39,6 +40,21 @@ def test_a_step_leaves_the_items_outside_its_subsample_and_their_moments_alone(f
             moved = table != old
             assert 0 < moved.sum() <= SUBSAMPLE  # the subsample's items, at most
             assert torch.equal(step.optimizer.state[table]["exp_avg"][~moved], moment[~moved])
+
+
+def test_an_autoguidelist_holding_autoflow_steps_its_tables_lazily_too(fresh_param_store):
+    """The list draws the plates' subsamples for its parts: AutoFlow's locals read them (before, the
+    model's plate drew its own, and the trace held two sites named after the plate). The tables
+    were looked up on the guide itself only, so a list of guides would have got plain Adam."""
+    guide = AutoGuideList(latent_tau_model)
+    guide.append(AutoFlow(latent_tau_model, local="per-item"))
+    step = ELBOStep(latent_tau_model, guide, grouped_data(GROUPS), SUBSAMPLE, num_particles=8, max_plate_nesting=2, threads=1)
+    tables = guide[0].item_tables()
+    assert len(tables) == 2 and [id(table) for table in step.tables] == [id(table) for table in tables]
+    before = [table.detach().clone() for table in tables]
+    step(1e-2)
+    step(1e-2)
+    assert all(0 < (table != old).sum() <= 2 * SUBSAMPLE for table, old in zip(tables, before))
 
 
 def test_the_clip_follows_the_noise_on_a_subsampled_plate_only():

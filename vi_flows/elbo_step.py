@@ -154,8 +154,10 @@ def _clip_eagerly(step):
 def _item_tables(guide, params):
     """The guide's per-item tables that are trained, which Adam steps lazily (:mod:`~vi_flows.item_steps`)."""
     trained = {id(param) for param in params}
-    tables = getattr(guide, "item_tables", None)
-    return [table for table in (tables() if tables is not None else []) if id(table) in trained]
+    # An AutoGuideList holds its guides as submodules: their tables are stepped lazily too.
+    parts = guide.modules() if isinstance(guide, torch.nn.Module) else [guide]
+    tables = [table for part in parts if hasattr(part, "item_tables") for table in part.item_tables()]
+    return [table for table in tables if id(table) in trained]
 
 
 def _warn_unless_broadcast(particles):

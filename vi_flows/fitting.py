@@ -131,8 +131,8 @@ def fit(
     rising more than about a nat above that best or a loss turning NaN or infinite, they are put
     back and the learning rate is cut as at a plateau; each rollback is recorded in the result's
     ``rollbacks``. After ``max_rollbacks`` rollbacks a rise stops the fit at the best parameters
-    with a warning, and a non-finite loss raises :class:`FittingError` naming the step (as does one
-    before the first block, with the parameters of the last finite step restored).
+    with a warning, and a non-finite loss raises :class:`FittingError` naming the step. Before the
+    first block the start is the best there is.
 
     ``data_parallel`` (``True``, ``False`` or ``"auto"``: where ``torchrun`` started this process as
     one of several, or a process group of several ranks exists) fits as one rank of several
@@ -200,7 +200,6 @@ def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_ro
     or "" if it did not. ``plateaus`` is None for a fixed number of steps; ``average``, where given,
     averages the iterates after the last plateau but one."""
     for step in range(budget):
-        guard.save_step()
         # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
         with pyro.validation_enabled(False):
             loss_value = step_once(learning_rate(step))
@@ -235,11 +234,10 @@ def _roll_back(guard, divergence, finite, result, max_rollbacks):
     Raises :class:`FittingError` for a non-finite loss that rolling back cannot (or did not) cure."""
     exhausted = len(result.rollbacks) == max_rollbacks
     guard.restore()
-    if not finite and (exhausted or not guard.has_checkpoint):
+    if not finite and exhausted:
         result.stop_reason = divergence
-        restored = f"those of {guard.best()}" if guard.has_checkpoint else "those of the last finite step"
         raise FittingError(
-            f"{divergence}; the guide's parameters are restored to {restored}. Try a smaller lr, a smaller "
+            f"{divergence}; the guide's parameters are restored to those of {guard.best()}. Try a smaller lr, a smaller "
             "init_scale, or check the model for values outside its support.",
             result,
         )

@@ -21,29 +21,18 @@ class DivergenceGuard:
     is checkpointed (``params`` and ``optimizer`` state copied), and a median more than
     ``tolerance`` nats plus one robust sd of a step's loss in the best block above it is a
     divergence, as is a non-finite loss. Medians, so that a lone heavy-tailed draw is not taken
-    for a divergence. Before the first checkpoint, a non-finite loss can only go back to the
-    parameters of the last step with a finite loss (:meth:`save_step` keeps them).
+    for a divergence. The start is the first checkpoint: a fit that diverges in its first block
+    (the default fit of a 300-coefficient regression did, at the top of its warm-up) goes back to
+    it, not to the last finite step, which is already on the way out.
     """
 
     def __init__(self, params, optimizer, block=100, tolerance=1.0):
         self.params, self.optimizer = params, optimizer
         self.block, self.tolerance = block, tolerance
-        self.best_median, self.best_step, self._threshold = math.inf, None, math.inf
-        self._best, self._optimizer_state = None, None
-        # A step with a finite loss can still leave NaN parameters (a NaN gradient), so a NaN loss
-        # at step t needs the parameters step t - 1 started from.
-        self._before_previous = [param.detach().clone() for param in params]
-        self._before_this = [param.detach().clone() for param in params]
-
-    @property
-    def has_checkpoint(self):
-        return self._best is not None
-
-    @torch.no_grad()
-    def save_step(self):
-        """Before each step: keep the parameters it starts from."""
-        self._before_previous, self._before_this = self._before_this, self._before_previous
-        _copy(self._before_this, self.params)
+        self.best_median, self.best_step, self._threshold = math.inf, 0, math.inf
+        with torch.no_grad():
+            self._best = [param.detach().clone() for param in params]
+        self._optimizer_state = copy.deepcopy(optimizer.state_dict())
 
     def check(self, losses, loss_value):
         """After a step whose loss was ``loss_value`` (``losses``: the finite ones so far): None, or
@@ -54,7 +43,8 @@ class DivergenceGuard:
             return None
         recent = torch.tensor(losses[-self.block :], dtype=torch.float64)
         median = recent.median().item()
-        if median < self.best_median:
+        # A step with a finite loss can still leave NaN parameters (a NaN gradient): not a checkpoint.
+        if median < self.best_median and all(param.isfinite().all() for param in self.params):
             spread = 1.4826 * (recent - median).abs().median().item()  # a normal's sd, from the MAD
             self.best_median, self.best_step = median, len(losses)
             self._threshold = median + self.tolerance + spread
@@ -65,26 +55,18 @@ class DivergenceGuard:
 
     def best(self):
         """Where the checkpoint is from, in words."""
+        if self.best_step == 0:
+            return "the start"
         return f"steps {self.best_step - self.block + 1}-{self.best_step} (median loss {self.best_median:.6g})"
 
     @torch.no_grad()
     def restore(self):
-        """Put back the parameters and optimiser state of the best block, or, before there is one,
-        the last parameters with a finite loss (in place: the parameters stay the tensors a compiled
-        loss reads)."""
-        if self._best is None:
-            _copy(self.params, self._before_previous)
-            return
-        _copy(self.params, self._best)
+        """Put back the parameters and optimiser state of the best block, or of the start (in place:
+        the parameters stay the tensors a compiled loss reads)."""
+        torch._foreach_copy_(list(self.params), self._best)
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
 
     @torch.no_grad()
     def _checkpoint(self):
-        if self._best is None:
-            self._best = [param.detach().clone() for param in self.params]
-        _copy(self._best, self.params)
+        torch._foreach_copy_(self._best, list(self.params))
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
-
-
-def _copy(targets, sources):
-    torch._foreach_copy_(list(targets), list(sources))  # one call: it runs before every step

@@ -213,7 +213,9 @@ class AutoFlow(AutoContinuous):
         self.setup(*args, **kwargs)
         values = super().forward(*args, **kwargs) if self.latent_dim else {}
         if self.locals is not None:
-            values.update(self.locals(values, *args, **kwargs))
+            # A part of an AutoGuideList: the list has drawn (and recorded) every plate's subsample.
+            drawn = {name: plate.indices for name, plate in self.master().plates.items()} if self.master is not None else None
+            values.update(self.locals(values, *args, drawn_plates=drawn, **kwargs))
         return values
 
     def item_tables(self):

@@ -141,14 +141,18 @@ class LocalPosterior(PyroModule):
         prior_loc, prior_scale = gaussian
         return dist.Normal(prior_loc, (prior_scale.pow(2) + precision.reciprocal()).sqrt()).log_prob(loc).sum()
 
-    def forward(self, global_values, *args, indices=None, **kwargs):
-        trace = self._run(global_values, {}, indices or {}, *args, **kwargs)
+    def forward(self, global_values, *args, indices=None, drawn_plates=None, **kwargs):
+        """``drawn_plates``: ``{plate: indices}`` an enclosing guide has drawn and recorded (an
+        ``AutoGuideList`` draws its parts' plates): the model's plates take them, unrecorded."""
+        drawn_plates = drawn_plates or {}
+        trace = self._run(global_values, {}, {**(indices or {}), **drawn_plates}, *args, unrecorded=drawn_plates, **kwargs)
         return {name: trace.nodes[name]["value"] for name in self.names}
 
-    def _run(self, global_values, local_values, indices, *args, evidence=None, **kwargs):
+    def _run(self, global_values, local_values, indices, *args, evidence=None, unrecorded=(), **kwargs):
         """The trace of one model run with the globals, any ``local_values`` and any plates' subsample
         ``indices`` given, the locals drawn from their posteriors; with an ``evidence`` dict, each
-        local site's :meth:`evidence` goes in it."""
+        local site's :meth:`evidence` goes in it. The subsample sites of the plates in ``unrecorded``
+        do not reach the enclosing trace."""
         features = None
         if self.data_plates:  # the subsample's data, with the locals from their priors
             with poutine.block(), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
@@ -158,7 +162,9 @@ class LocalPosterior(PyroModule):
         local = set(self.names)
 
         def hidden(msg):
-            return msg["type"] == "sample" and not site_is_subsample(msg) and msg["name"] not in local
+            if msg["type"] != "sample":
+                return False
+            return msg["name"] in unrecorded if site_is_subsample(msg) else msg["name"] not in local
 
         sampler = LocalSampler(self, global_values, local_values, indices, features, evidence)
         with poutine.block(hide_fn=hidden), poutine.trace() as capture, sampler:

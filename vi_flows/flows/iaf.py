@@ -10,11 +10,24 @@ from .base import NEAR_IDENTITY, FlowTransform
 
 
 def _made_masks(dim, hidden_dim, input_degrees):
-    """Masks of a one-hidden-layer MADE in which output ``i`` sees only inputs of lower degree."""
-    hidden_degrees = torch.arange(hidden_dim) % max(dim - 1, 1) + 1
+    """Masks of a one-hidden-layer MADE in which output ``i`` sees only inputs of lower degree.
+
+    Hidden degrees cycle through 1..dim-1; a layer narrower than that spreads them evenly over the
+    range instead of keeping the first ``hidden_dim``, so late outputs see more than the first inputs."""
+    span = max(dim - 1, 1)
+    hidden_degrees = torch.arange(hidden_dim)
+    hidden_degrees = hidden_degrees % span + 1 if hidden_dim >= span else hidden_degrees * span // hidden_dim + 1
     input_mask = (hidden_degrees.unsqueeze(-1) >= input_degrees).to(torch.get_default_dtype())
     output_mask = (input_degrees.unsqueeze(-1) > hidden_degrees).to(torch.get_default_dtype())
     return input_mask, output_mask
+
+
+# The default hidden width is 3 dim + 10 up to this. Adam moves every weight by about the learning
+# rate, so a unit's output moves in proportion to its fan-in: at 910 units (a 300-coefficient
+# regression) the default fit diverged in its warm-up, and at 3010 a step took 6.7x as long as at 320
+# (RESULTS.md, "The default flow at large dimension"). 320 is the width the zoo's largest global
+# posterior (hierarchical_100, 102 coordinates) is fitted and tested with.
+MAX_DEFAULT_HIDDEN_DIM = 320
 
 
 class IAF(FlowTransform):
@@ -49,7 +62,7 @@ class IAF(FlowTransform):
 
     def __init__(self, dim, num_layers=1, hidden_dim=None, gated=False):
         super().__init__(dim, num_layers)
-        self.hidden_dim = 3 * dim + 10 if hidden_dim is None else int(hidden_dim)
+        self.hidden_dim = min(3 * dim + 10, MAX_DEFAULT_HIDDEN_DIM) if hidden_dim is None else int(hidden_dim)
         self.gated = bool(gated)
         degrees = torch.arange(1, dim + 1)
         masks = [_made_masks(dim, self.hidden_dim, degrees if k % 2 == 0 else degrees.flip(0)) for k in range(num_layers)]
