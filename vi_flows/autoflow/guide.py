@@ -214,7 +214,8 @@ class AutoFlow(AutoContinuous):
         values = super().forward(*args, **kwargs) if self.latent_dim else {}
         if self.locals is not None:
             # A part of an AutoGuideList: the list has drawn (and recorded) every plate's subsample.
-            drawn = {name: plate.indices for name, plate in self.master().plates.items()} if self.master is not None else None
+            plates = getattr(self.master(), "plates", {}) if self.master is not None else {}
+            drawn = {name: plate.indices for name, plate in plates.items()}
             values.update(self.locals(values, *args, drawn_plates=drawn, **kwargs))
         return values
 
