@@ -16,6 +16,7 @@ from .data_parallel import DataParallel
 from .item_steps import lazy_adam_step
 from .particles import choose
 from .pyro_internals import trained_parameters
+from .subsampling import FastSubsamples
 from .threads import fastest_threads
 
 
@@ -70,7 +71,9 @@ class ELBOStep:
             buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
             self.parallel.broadcast([*self.params, *buffers])
             guide = self.parallel.subsamples(guide)
-            self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
+        if self.subsampled:  # large plates draw their subsamples in O(B) (vi_flows.subsampling)
+            guide = FastSubsamples()(guide)
+        self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
         self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
