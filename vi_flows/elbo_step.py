@@ -27,7 +27,8 @@ class ELBOStep:
     reparameterised), its gradient clipped elementwise to ``[-clip_norm, clip_norm]`` (as Pyro's
     ``ClippedAdam`` does; on a subsampled plate, not below the noise: :mod:`~vi_flows.clipping`) and
     an Adam update of every parameter that model and guide read, lazy on the guide's per-item
-    tables (``guide.item_tables()``, :mod:`~vi_flows.item_steps`).
+    tables (``guide.item_tables()``, :mod:`~vi_flows.item_steps`). A large plate's subsample is
+    drawn in O(B) (:mod:`~vi_flows.subsampling`).
 
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
