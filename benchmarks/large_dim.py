@@ -28,20 +28,13 @@ from vi_flows.models._conjugate import ConjugateRegression
 STEPS, PARTICLES = 2000, 64
 
 
-def regression(num_coefficients, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    design = torch.randn(2 * num_coefficients, num_coefficients, generator=generator)
-    response = design @ torch.randn(num_coefficients, generator=generator) + torch.randn(2 * num_coefficients, generator=generator)
-    return ConjugateRegression(design, response)
-
-
 def _kl(target, guide):
     with torch.no_grad():
         return target.log_z - log_importance_weights(target.model, guide, num_samples=4096).mean().item()
 
 
 def ours(num_coefficients, width, steps=STEPS):
-    target = regression(num_coefficients)
+    target = ConjugateRegression.simulated(num_coefficients)
     dim = num_coefficients + 1
     options = {} if width == "default" else {"iaf": {"hidden_dim": 3 * dim + 10 if width == "3D+10" else int(width)}}
     pyro.clear_param_store()
@@ -75,7 +68,7 @@ def numpyro_iaf(num_coefficients):
 
     from numpyro_peer import their_ms_per_step
 
-    target = regression(num_coefficients)
+    target = ConjugateRegression.simulated(num_coefficients)
     design, response = (target.design.numpy(), target.response.numpy())
 
     def model():

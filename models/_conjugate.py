@@ -32,6 +32,15 @@ class ConjugateRegression:
             - math.lgamma(prior_shape)
         )
 
+    @classmethod
+    def simulated(cls, num_coefficients, seed=0):
+        """A regression on 2 ``num_coefficients`` simulated data: standard normal covariates and
+        coefficients, unit noise."""
+        generator = torch.Generator().manual_seed(seed)
+        design = torch.randn(2 * num_coefficients, num_coefficients, generator=generator)
+        response = design @ torch.randn(num_coefficients, generator=generator)
+        return cls(design, response + torch.randn(2 * num_coefficients, generator=generator))
+
     def model(self):
         noise_var = pyro.sample("noise_var", dist.InverseGamma(self.prior_shape, self.prior_rate))
         with pyro.plate("coefficient", self.design.shape[1]):

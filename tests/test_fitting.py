@@ -9,6 +9,7 @@ import torch
 from pyro import poutine
 from pyro.infer.reparam import LocScaleReparam
 from vi_flows.models import reference_moments
+from vi_flows.models._conjugate import ConjugateRegression
 
 from vi_flows import AutoFlow, FittingError, fit, guide_moments
 from vi_flows.compiled_elbo import CompileError
@@ -298,11 +299,7 @@ def test_the_default_fit_of_a_300_coefficient_regression_survives_its_warm_up():
     """With a MADE of 3D + 10 = 910 hidden units, each Adam step moved a unit's input by about 900
     times the learning rate: the loss rose from step 80 and turned NaN by step 100 (FittingError).
     The exact posterior is a Student-t whose joint mode (the Laplace start) is far off: KL 28.5."""
-    from vi_flows.models._conjugate import ConjugateRegression
-
-    generator = torch.Generator().manual_seed(0)
-    design = torch.randn(600, 300, generator=generator)
-    target = ConjugateRegression(design, design @ torch.randn(300, generator=generator) + torch.randn(600, generator=generator))
+    target = ConjugateRegression.simulated(300)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoFlow(target.model)
@@ -333,6 +330,27 @@ def test_a_nan_loss_in_the_first_block_rolls_back_to_the_start(monkeypatch):
     guide, result, rates = _gaussian_fit_with_kicks(monkeypatch, {50: float("nan")}, num_steps=800)
     assert result.rollbacks == ["the loss was nan at step 50: restored the parameters of the start and cut the learning rate"]
     assert rates[51] == pytest.approx(0.2 * rates[50] * 52 / 51, rel=1e-6)  # cut, in the warm-up
+    _assert_close_to_the_posterior(guide)
+
+
+def test_parameters_left_nan_by_a_step_with_a_finite_loss_are_not_a_checkpoint(monkeypatch):
+    """A NaN gradient leaves NaN parameters after a finite loss: checkpointed at the block's end,
+    every rollback would restore them, and the fit would end in FittingError."""
+    original = ELBOStep.__call__
+
+    def step_leaving_nan(self, lr):
+        loss = original(self, lr)
+        step_leaving_nan.calls += 1
+        if step_leaving_nan.calls == 100:  # the first block's last step
+            with torch.no_grad():
+                for param in self.params:
+                    param.fill_(float("nan"))
+        return loss
+
+    step_leaving_nan.calls = 0
+    monkeypatch.setattr(ELBOStep, "__call__", step_leaving_nan)
+    guide, result, _ = _gaussian_fit_with_kicks(monkeypatch, {}, num_steps=800)
+    assert result.rollbacks == ["the loss was nan at step 100: restored the parameters of the start and cut the learning rate"]
     _assert_close_to_the_posterior(guide)
 
 

@@ -30,8 +30,7 @@ class DivergenceGuard:
         self.params, self.optimizer = params, optimizer
         self.block, self.tolerance = block, tolerance
         self.best_median, self.best_step, self._threshold = math.inf, 0, math.inf
-        with torch.no_grad():
-            self._best = [param.detach().clone() for param in params]
+        self._best = [param.detach().clone() for param in params]
         self._optimizer_state = copy.deepcopy(optimizer.state_dict())
 
     def check(self, losses, loss_value):

@@ -24,7 +24,7 @@ def _made_masks(dim, hidden_dim, input_degrees):
 
 # The default hidden width is 3 dim + 10 up to this. Adam moves every weight by about the learning
 # rate, so a unit's output moves in proportion to its fan-in: at 910 units (a 300-coefficient
-# regression) the default fit diverged in its warm-up, and at 3010 a step took 6.7x as long as at 320
+# regression) the default fit's loss diverged in its warm-up, and at 3010 a step took 6.7x as long as at 320
 # (RESULTS.md, "The default flow at large dimension"). 320 is the width the zoo's largest global
 # posterior (hierarchical_100, 102 coordinates) is fitted and tested with.
 MAX_DEFAULT_HIDDEN_DIM = 320
