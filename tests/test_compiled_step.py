@@ -121,11 +121,17 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
     guide = AutoFlow(latent_tau_model, local="per-item")
     step = ELBOStep(latent_tau_model, guide, data, 50, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, clip_norm=0.5, threads=1)
     assert step.subsampled and len(step.tables) == 2
-    graph = trace_negative_elbo(latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True)
-    start, ((eager_losses, eager_params, _), (losses, params, _)) = _eager_and_one_graph_runs(step, graph)
+    graph = trace_negative_elbo(latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True, item_tables=step.tables)
+    # The graph reads both tables by the subsample's rows: the step differentiates and updates those alone.
+    tables = {id(table) for table in step.tables}
+    assert sorted(graph.table_rows.positions) == [index for index, param in enumerate(step.params) if id(param) in tables]
+    start, ((eager_losses, eager_params, eager_state), (losses, params, state)) = _eager_and_one_graph_runs(step, graph)
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     for eager_param, param in zip(eager_params, params):
         torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-6)
+    for key, eager_entry in eager_state["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state["state"][key][moment], eager_entry[moment], rtol=1e-3, atol=1e-8)
     assert any((eager_param - first).abs().max() > 1e-3 for eager_param, first in zip(eager_params, start))
 
 

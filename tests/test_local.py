@@ -206,7 +206,7 @@ def test_the_local_start_is_the_exact_posterior_of_a_conjugate_model(fresh_param
     guide = AutoFlow(fixed_tau_model, local="per-item").setup(data, 10)
     tables = guide.locals.pseudo_observations
     assert torch.allclose(tables.locs.theta, data.mean(-1), atol=1e-4)
-    assert torch.allclose(tables.precisions.theta, torch.full((30,), float(PER_GROUP)), rtol=1e-4)
+    assert torch.allclose(tables.log_precisions.theta.exp(), torch.full((30,), float(PER_GROUP)), rtol=1e-4)
 
 
 def test_the_local_start_reads_each_coordinates_own_curvature(fresh_param_store):
@@ -222,8 +222,8 @@ def test_the_local_start_reads_each_coordinates_own_curvature(fresh_param_store)
 
     guide = AutoFlow(coupled, local="per-item").setup(torch.linspace(-2.0, 2.0, 12))
     tables = guide.locals.pseudo_observations
-    torch.testing.assert_close(tables.precisions.z, torch.full((12, 2), 4.0))
-    torch.testing.assert_close(tables.precisions.w, torch.full((12,), 4.0))
+    torch.testing.assert_close(tables.log_precisions.z.exp(), torch.full((12, 2), 4.0))
+    torch.testing.assert_close(tables.log_precisions.w.exp(), torch.full((12,), 4.0))
 
 
 @pytest.mark.parametrize("target", ["eight_schools", "hierarchical_100"])

@@ -12,6 +12,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .item_steps import TableReads
 from .messages import first_line
 from .particles import log_densities
 
@@ -59,11 +60,14 @@ def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **
     return (log_q - log_p).mean()
 
 
-def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, **kwargs):
+def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, item_tables=(), **kwargs):
     """:func:`negative_elbo` traced into a graph of tensor operations (``make_fx``): a
     ``GraphModule`` whose inputs are ``params`` (the unconstrained parameter tensors of model and
     guide, as Pyro's ``SVI`` collects them), so gradients reach them as in eager mode, and whose
     random draws stay in the graph, fresh at every call (the same draws as eager mode, uncompiled).
+    Where the per-item tables among ``params`` (``item_tables``) are all read by the rows of one
+    subsample, the graph also returns those rows and indices, as its ``table_rows`` says
+    (:class:`~vi_flows.item_steps.TableRows`), so that a step can differentiate and update the rows alone.
 
     The model's Python control flow is fixed at tracing: a branch on a latent value cannot be traced
     and raises :class:`CompileError`, as does a parameter that does not reach the traced loss.
@@ -71,9 +75,16 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
     name = first_score_function_site(guide, *args, **kwargs)
     if name is not None:
         raise CompileError(f"guide site {name!r} is not reparameterised; its gradient needs score-function terms")
+    table_rows = []
 
     def loss():
-        return negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+        with TableReads(item_tables) as reads:
+            value = negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+        rows = reads.rows(params)
+        if rows is None:
+            return value
+        table_rows.append(rows[0])
+        return (value, *rows[1])
 
     try:
         # Validation branches on values; it ran in the eager evaluations before this one. make_fx
@@ -93,4 +104,5 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
             "tensors than the param store holds under their names (two guides of one name in the param store? "
             "pyro.clear_param_store() between them)"
         )
+    graph.table_rows = table_rows[0] if table_rows else None
     return graph

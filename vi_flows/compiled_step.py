@@ -55,10 +55,12 @@ class CompiledAdamStep:
         if reduce is None:
             self._graph = compile(_one_graph(loss_graph, apply, count), examples)
         else:
-            self._gradient_graph = compile(functools.partial(_loss_and_gradients, loss_graph), examples[:count])
+            if getattr(loss_graph, "table_rows", None) is not None:
+                raise ValueError("a step with reduce differentiates whole tables: trace its loss without item_tables")
+            self._gradient_graph = compile(functools.partial(_flat_loss_and_gradients, loss_graph), examples[:count])
             with torch.no_grad():
                 gradients = [torch.zeros_like(param) for param in params]
-            self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count)), [*examples[:count], *gradients, *examples[count:]])
+            self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count), [None] * count), [*examples[:count], *gradients, *examples[count:]])
         for param in params:
             _init_adam_state(optimizer, param)
 
@@ -132,10 +134,32 @@ def _init_adam_state(optimizer, param):
 
 
 def _loss_and_gradients(loss_graph, *params):
+    """``(loss, gradients, subsamples)`` of ``loss_graph`` at ``params``: where the graph reads
+    tables by rows (its ``table_rows``, :class:`~vi_flows.item_steps.TableRows`), such a table's
+    gradient is that of the rows read, and its ``subsamples`` entry ``(dim, indices)`` says which;
+    the other entries are None."""
+    layout = getattr(loss_graph, "table_rows", None)
+    subsamples = [None] * len(params)
     with torch.enable_grad():
-        loss = loss_graph(*params)
-        gradients = torch.autograd.grad(loss, params)
-    return (loss.detach(), *gradients)
+        if layout is None:
+            loss = loss_graph(*params)
+            return loss.detach(), list(torch.autograd.grad(loss, params)), subsamples
+        loss, *outputs = loss_graph(*params)
+        reads, indices = layout.split(outputs)
+        dense = [position for position in range(len(params)) if position not in layout.positions]
+        found = iter(torch.autograd.grad(loss, [params[position] for position in dense] + [rows for table in reads for rows in table]))
+    gradients = [None] * len(params)
+    for position in dense:
+        gradients[position] = next(found)
+    for position, dim, table, index in zip(layout.positions, layout.dims, reads, indices):
+        gradients[position] = sum(next(found) for _ in table)  # a table read twice: both reads' rows
+        subsamples[position] = (dim, index)
+    return loss.detach(), gradients, subsamples
+
+
+def _flat_loss_and_gradients(loss_graph, *params):
+    loss, gradients, _ = _loss_and_gradients(loss_graph, *params)
+    return (loss, *gradients)
 
 
 def _split_state(inputs, count):
@@ -148,8 +172,8 @@ def _one_graph(loss_graph, apply, count):
 
     def update(*inputs):
         params = inputs[:count]
-        loss, *gradients = _loss_and_gradients(loss_graph, *params)
-        apply(params, gradients, *_split_state((*gradients, *inputs[count:]), count)[1:])
+        loss, gradients, subsamples = _loss_and_gradients(loss_graph, *params)
+        apply(params, gradients, *_split_state((*gradients, *inputs[count:]), count)[1:], subsamples)
         return loss
 
     return update
@@ -157,25 +181,32 @@ def _one_graph(loss_graph, apply, count):
 
 def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):
     """Adam's update of params and moments, in place, given the gradients, with torch.optim.Adam's
-    arithmetic; lazily (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true."""
+    arithmetic; lazily (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true, on the
+    rows read alone where ``subsamples`` gives them (``(dim, indices)``; the gradient is the rows')."""
 
-    def apply(params, gradients, averages, squares, step, lr):
+    def apply(params, gradients, averages, squares, step, lr, subsamples):
         step = step.to(torch.float64) + 1
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
+
+        def adam(param, gradient, average, square):
+            gradient = clip_gradient(gradient, square, step, beta2, clip_norm, noise_clip)
+            average = average.lerp(gradient, 1 - beta1)
+            square = square * beta2 + (1 - beta2) * gradient * gradient
+            return param - step_size * average / (square.sqrt() / root_correction + eps), average, square
+
         with torch.no_grad():  # in place: the compiled graph writes the new values into its inputs
-            for param, gradient, average, square, is_lazy in zip(params, gradients, averages, squares, lazy):
-                mask = lazy_mask(gradient) if is_lazy else None
-                gradient = clip_gradient(gradient, square, step, beta2, clip_norm, noise_clip)
-                if mask is None:
-                    average.lerp_(gradient, 1 - beta1)
-                    square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                    param.sub_(step_size * average / (square.sqrt() / root_correction + eps))
+            for param, gradient, average, square, is_lazy, subsample in zip(params, gradients, averages, squares, lazy, subsamples):
+                tensors = (param, average, square)
+                if subsample is not None:  # the rows read: gathered, stepped, written back
+                    dim, indices = subsample
+                    param_rows, average_rows, square_rows = (tensor.index_select(dim, indices) for tensor in tensors)
+                    new = adam(param_rows, gradient, average_rows, square_rows)
+                    for tensor, value in zip(tensors, new):
+                        tensor.index_copy_(dim, indices, value)
                     continue
-                new_average = average.lerp(gradient, 1 - beta1)
-                new_square = square * beta2 + (1 - beta2) * gradient * gradient
-                new_param = param - step_size * new_average / (new_square.sqrt() / root_correction + eps)
-                for tensor, new in ((param, new_param), (average, new_average), (square, new_square)):
-                    tensor.copy_(torch.where(mask, new, tensor))
+                mask = lazy_mask(gradient) if is_lazy else None
+                for tensor, value in zip(tensors, adam(param, gradient, average, square)):
+                    tensor.copy_(value if mask is None else torch.where(mask, value, tensor))
 
     return apply

@@ -4,7 +4,6 @@ Each function says which private API it wraps and what it returns in public term
 """
 
 import logging
-from operator import attrgetter
 
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -94,11 +93,31 @@ def check_param_store(module):
             )
 
 
-def unconstrained_param(module, name):
-    """The unconstrained ``nn.Parameter`` behind the constrained ``PyroParam`` attribute ``name``
-    (dotted for nested containers) of a ``PyroModule``, where Pyro keeps it (``<name>_unconstrained``)."""
-    owner, _, leaf = name.rpartition(".")
-    return getattr(attrgetter(owner)(module) if owner else module, leaf + "_unconstrained")
+def subsample_of(param):
+    """``(dim, indices)`` along which a subsampled plate read ``param``'s rows at its last read
+    through one (Pyro's ``_pyro_subsample``, which the plate sets as it index-selects the value), or
+    None where no plate, or plates along several dimensions, subsampled it."""
+    subsample = getattr(param, "_pyro_subsample", {})
+    return next(iter(subsample.items())) if len(subsample) == 1 else None
+
+
+def forget_subsample(param):
+    """Drop the record :func:`subsample_of` reads (it holds the last subsample's indices)."""
+    param.__dict__.pop("_pyro_subsample", None)
+
+
+def after_every_handler(msg, function):
+    """Have ``function(msg)`` called once every handler has processed the message ``msg`` (its
+    ``continuation``), after any continuation already set: a handler outside a plate sees a
+    parameter's value there as the plate left it (subsampled)."""
+    previous = msg["continuation"]
+
+    def both(msg):
+        if previous is not None:
+            previous(msg)
+        function(msg)
+
+    msg["continuation"] = both
 
 
 def _store_key(name):

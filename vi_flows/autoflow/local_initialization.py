@@ -20,7 +20,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from ..pyro_internals import unconstrained_param, unpack_latent
+from ..pyro_internals import unpack_latent
 from .local import LocalSampler
 from .local_gaussian import gaussian_prior
 from .pseudo_observations import PerItem
@@ -123,7 +123,7 @@ def _subsamples(posterior, limit):
 def _write_rows(posterior, name, indices, loc, precision):
     """Put one run's items' ``(a, beta)`` into their rows of the site's tables."""
     tables = posterior.pseudo_observations
-    for table, value in ((attrgetter(name)(tables.locs), loc), (unconstrained_param(tables.precisions, name), precision.log())):
+    for table, value in ((attrgetter(name)(tables.locs), loc), (attrgetter(name)(tables.log_precisions), precision.log())):
         if not indices:
             table.copy_(value.expand_as(table))
             continue
