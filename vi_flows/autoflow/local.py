@@ -28,6 +28,7 @@ conjugate item its gradient vanishes for every draw, so a rarely visited item's 
 pushed about by noise between its visits.
 """
 
+import functools
 import warnings
 from operator import attrgetter
 
@@ -153,18 +154,17 @@ class LocalPosterior(PyroModule):
         ``indices`` given, the locals drawn from their posteriors; with an ``evidence`` dict, each
         local site's :meth:`evidence` goes in it. The subsample sites of the plates in ``unrecorded``
         do not reach the enclosing trace."""
-        features = None
+        features, local = None, set(self.names)
         if self.data_plates:  # the subsample's data, with the locals from their priors
-            with poutine.block(), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
+            # The plates draw their subsamples here, through the handlers outside (fit's O(B) draw),
+            # and this run records them: the next one reads them.
+            data_hidden = functools.partial(_hidden, local=(), unrecorded=unrecorded)
+            with poutine.block(hide_fn=data_hidden), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
                 self.model(*args, **kwargs)
             indices = {plate: data_run.trace.nodes[plate]["value"] for plate in self.subsampled}
             features = self.item_features(data_run.trace)
-        local = set(self.names)
-
-        def hidden(msg):
-            if msg["type"] != "sample":
-                return False
-            return msg["name"] in unrecorded if site_is_subsample(msg) else msg["name"] not in local
+            unrecorded = set(unrecorded) | {name for name, site in data_run.trace.nodes.items() if site_is_subsample(site)}
+        hidden = functools.partial(_hidden, local=local, unrecorded=unrecorded)
 
         sampler = LocalSampler(self, global_values, local_values, indices, features, evidence)
         with poutine.block(hide_fn=hidden), poutine.trace() as capture, sampler:
@@ -256,6 +256,14 @@ class LocalSampler(Messenger):
             if self.evidence is not None:
                 self.evidence[name] = self.posterior.evidence(name, msg["fn"], self.features)
             msg["fn"] = self.posterior.conditional(name, msg["fn"], self.features)
+
+
+def _hidden(msg, local, unrecorded):
+    """Whether a run of the model keeps a message from the enclosing trace: every sample site but the
+    ``local`` ones and the subsample sites of plates outside ``unrecorded``."""
+    if msg["type"] != "sample":
+        return False
+    return msg["name"] in unrecorded if site_is_subsample(msg) else msg["name"] not in local
 
 
 def _one_plate(name, plates):
