@@ -31,6 +31,10 @@ def test_sharded_subsamples_draw_each_ranks_own_items():
         with ShardedSubsamples(rank, 3), pyro.plate("items", 30, subsample_size=4) as index:
             seen.append(index)
         assert (index % 3 == rank).all() and len(index.unique()) == 4
+    # A large shard is drawn in O(B) (vi_flows.subsampling): still the rank's own items, distinct, in range.
+    for rank in range(3):
+        with ShardedSubsamples(rank, 3), pyro.plate("items", 3 * 64 * 64 + 1, subsample_size=64) as index:
+            assert (index % 3 == rank).all() and len(index.unique()) == 64 and 0 <= index.min() and index.max() <= 3 * 64 * 64
     with pytest.raises(ValueError, match="at most 10 per rank"):
         with ShardedSubsamples(0, 3), pyro.plate("items", 30, subsample_size=11):
             pass

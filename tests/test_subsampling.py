@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from vi_flows.subsampling import MIN_RATIO, MIN_SUBSAMPLE, FastSubsamples, distinct_uniform
+from vi_flows.subsampling import MIN_RATIO, MIN_SUBSAMPLE, FastSubsamples, distinct_uniform, uniform_subsample
 
 
 def test_a_draw_is_distinct_in_range_and_uniform_over_items_and_positions():
@@ -38,3 +38,14 @@ def test_large_subsampled_plates_draw_fast_and_the_rest_as_pyro_does():
     given = torch.arange(MIN_SUBSAMPLE)
     traced = poutine.trace(FastSubsamples()(poutine.condition(model, {"items": given}))).get_trace(*large)
     assert torch.equal(traced.nodes["items"]["value"], given)
+
+
+def test_a_uniform_subsample_is_drawn_in_order_b_where_safe_and_by_permutation_elsewhere():
+    for size, count in ((MIN_RATIO * MIN_SUBSAMPLE, MIN_SUBSAMPLE), (100, 30)):
+        torch.manual_seed(0)
+        drawn = uniform_subsample(size, count)
+        assert len(drawn) == count and len(drawn.unique()) == count and 0 <= drawn.min() and drawn.max() < size
+    torch.manual_seed(0)
+    expected = torch.randperm(100)[:30]
+    torch.manual_seed(0)
+    assert torch.equal(uniform_subsample(100, 30), expected)

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .subsampling import uniform_subsample
+
 
 def requested(data_parallel):
     """Whether ``fit``'s ``data_parallel`` (``True``, ``False`` or ``"auto"``) asks for it: ``"auto"``
@@ -70,13 +72,14 @@ class ShardedSubsamples(Messenger):
         fn = msg["fn"]
         if not site_is_subsample(msg) or msg["value"] is not None or fn.subsample_size is None or fn.subsample_size >= fn.size:
             return
-        shard = torch.arange(self.rank, fn.size, self.world_size, device=fn.device)
-        if fn.subsample_size > len(shard):
+        owned = len(range(self.rank, fn.size, self.world_size))
+        if fn.subsample_size > owned:
             raise ValueError(
                 f"plate {msg['name']!r} draws {fn.subsample_size} of {fn.size} items per step, and each of {self.world_size} "
-                f"ranks owns {len(shard)}: use a subsample size of at most {len(shard)} per rank"
+                f"ranks owns {owned}: use a subsample size of at most {owned} per rank"
             )
-        msg["value"] = shard[torch.randperm(len(shard), device=fn.device)[: fn.subsample_size]]
+        # The shard's k-th item is rank + k * world_size: drawn in O(B) where the shard is large.
+        msg["value"] = self.rank + self.world_size * uniform_subsample(owned, fn.subsample_size, fn.device)
 
 
 def rank():

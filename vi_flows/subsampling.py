@@ -7,7 +7,7 @@ replacement, in a random order: the same law. ``fit``'s steps draw 2B values and
 distinct ones, a fixed-shape computation that also compiles. Where B >= ``MIN_SUBSAMPLE`` and
 N >= ``MIN_RATIO`` * B, the 2B draws repeat a value about 2B^2 / N <= B / 32 times on average, and
 fewer than B distinct values come up with probability below (e / 32)^B < 1e-68; smaller plates keep
-Pyro's draw.
+Pyro's draw. A data-parallel rank draws from its own shard the same way (:mod:`~vi_flows.data_parallel`).
 """
 
 import torch
@@ -29,6 +29,14 @@ def distinct_uniform(size, count, device=None):
     return draws[first]
 
 
+def uniform_subsample(size, count, device=None):
+    """``count`` of ``range(size)`` drawn uniformly without replacement: :func:`distinct_uniform`
+    where that is safe (see the module's docstring), else Pyro's ``randperm(size)[:count]``."""
+    if _drawn_in_order_b(size, count):
+        return distinct_uniform(size, count, device)
+    return torch.randperm(size, device=device)[:count]
+
+
 class FastSubsamples(Messenger):
     """Large subsampled plates draw their subsample with :func:`distinct_uniform`; a subsample the
     program gives (``subsample=``, a replayed trace's, another handler's) is kept."""
@@ -37,5 +45,9 @@ class FastSubsamples(Messenger):
         fn = msg["fn"]
         if not site_is_subsample(msg) or msg["value"] is not None or fn.subsample_size is None:
             return
-        if fn.subsample_size >= MIN_SUBSAMPLE and fn.size >= MIN_RATIO * fn.subsample_size:
+        if _drawn_in_order_b(fn.size, fn.subsample_size):  # else Pyro's own draw
             msg["value"] = distinct_uniform(fn.size, fn.subsample_size, getattr(fn, "device", None))
+
+
+def _drawn_in_order_b(size, count):
+    return count >= MIN_SUBSAMPLE and size >= MIN_RATIO * count
