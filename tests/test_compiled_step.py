@@ -74,10 +74,11 @@ def _snapshot(step):
     return [param.detach().clone() for param in step.params], copy.deepcopy(step.optimizer.state_dict())
 
 
-def _eager_and_one_graph_runs(step, graph):
+def _eager_and_one_graph_runs(step, graph, reduce=None):
     """Three steps of ``step`` (seeds 10-12) from its current parameters, eagerly and through the
-    whole step traced as one graph (``graph``: the traced loss) with ``step``'s clip, per-item
-    tables and noise clip: the start, then ``(losses, params, optimiser state)`` of each run."""
+    whole step traced as one graph (``graph``: the traced loss; with ``reduce``, two graphs and
+    ``reduce`` between them, as data-parallel) with ``step``'s clip, per-item tables and noise clip:
+    the start, then ``(losses, params, optimiser state)`` of each run."""
     start = [param.detach().clone() for param in step.params]
     runs = []
     for one_graph in (False, True):
@@ -86,7 +87,7 @@ def _eager_and_one_graph_runs(step, graph):
         step.optimizer.state.clear()
         take = step
         if one_graph:
-            take = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None)
+            take = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None, reduce=reduce)
         losses = []
         for index in range(3):
             pyro.set_rng_seed(10 + index)
@@ -114,9 +115,11 @@ def test_the_one_graph_step_takes_the_eager_steps_on_the_same_draws(name, sticki
             torch.testing.assert_close(state["state"][key][moment], eager_entry[moment], rtol=1e-3, atol=1e-8)
 
 
-def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise_clip(fresh_param_store):
+@pytest.mark.parametrize("reduce", [None, lambda loss, gradients: (loss, gradients)], ids=["one graph", "two graphs"])
+def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise_clip(fresh_param_store, reduce):
     """On a subsampled plate: per-item tables stepped lazily and a clip that follows the noise (clip
-    0.5: the noise bound is at work), in the graph as in eager steps."""
+    0.5: the noise bound is at work), in the graph as in eager steps; and in the two graphs of a
+    data-parallel step (a reduce between them: here one rank's, the identity)."""
     data = grouped_data(1000)
     guide = AutoFlow(latent_tau_model, local="per-item")
     step = ELBOStep(latent_tau_model, guide, data, 50, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, clip_norm=0.5, threads=1)
@@ -125,7 +128,7 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
     # The graph reads both tables by the subsample's rows: the step differentiates and updates those alone.
     tables = {id(table) for table in step.tables}
     assert sorted(graph.table_rows.positions) == [index for index, param in enumerate(step.params) if id(param) in tables]
-    start, ((eager_losses, eager_params, eager_state), (losses, params, state)) = _eager_and_one_graph_runs(step, graph)
+    start, ((eager_losses, eager_params, eager_state), (losses, params, state)) = _eager_and_one_graph_runs(step, graph, reduce)
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     for eager_param, param in zip(eager_params, params):
         torch.testing.assert_close(param, eager_param, rtol=1e-4, atol=1e-6)

@@ -55,12 +55,9 @@ class CompiledAdamStep:
         if reduce is None:
             self._graph = compile(_one_graph(loss_graph, apply, count), examples)
         else:
-            if getattr(loss_graph, "table_rows", None) is not None:
-                raise ValueError("a step with reduce differentiates whole tables: trace its loss without item_tables")
             self._gradient_graph = compile(functools.partial(_flat_loss_and_gradients, loss_graph), examples[:count])
-            with torch.no_grad():
-                gradients = [torch.zeros_like(param) for param in params]
-            self._update_graph = compile(lambda *inputs: apply(inputs[:count], *_split_state(inputs[count:], count), [None] * count), [*examples[:count], *gradients, *examples[count:]])
+            gradients, indices = _example_gradients(loss_graph, params)
+            self._update_graph = compile(_update(loss_graph, apply, count), [*examples[:count], *gradients, *examples[count:], *indices])
         for param in params:
             _init_adam_state(optimizer, param)
 
@@ -93,9 +90,10 @@ class CompiledAdamStep:
             return self._graph(*inputs)
         count = len(self.params)
         loss, *gradients = self._gradient_graph(*inputs[:count])
-        if reduce:
+        gradients, indices = gradients[:count], gradients[count:]
+        if reduce:  # the tables' rows, this rank's own, are not averaged
             loss, gradients = self._reduce(loss, gradients)
-        self._update_graph(*inputs[:count], *gradients, *inputs[count:])
+        self._update_graph(*inputs[:count], *gradients, *inputs[count:], *indices)
         return loss
 
 
@@ -158,8 +156,42 @@ def _loss_and_gradients(loss_graph, *params):
 
 
 def _flat_loss_and_gradients(loss_graph, *params):
-    loss, gradients, _ = _loss_and_gradients(loss_graph, *params)
-    return (loss, *gradients)
+    """:func:`_loss_and_gradients` as one tuple: the loss, the gradients, the tables' indices."""
+    loss, gradients, subsamples = _loss_and_gradients(loss_graph, *params)
+    return (loss, *gradients, *(subsample[1] for subsample in subsamples if subsample is not None))
+
+
+def _update(loss_graph, apply, count):
+    """The update alone, a function of (params, gradients, first moments, second moments, step
+    count, lr, the indices of the tables read by rows, as :func:`_flat_loss_and_gradients` gives them)."""
+    layout = getattr(loss_graph, "table_rows", None)
+
+    def update(*inputs):
+        subsamples = [None] * count
+        if layout is not None:
+            order = sorted(zip(layout.positions, layout.dims))  # the order the gradients' graph gives them
+            for (position, dim), indices in zip(order, inputs[4 * count + 2 :]):
+                subsamples[position] = (dim, indices)
+        apply(inputs[:count], *_split_state(inputs[count : 4 * count + 2], count), subsamples)
+
+    return update
+
+
+@torch.no_grad()
+def _example_gradients(loss_graph, params):
+    """Zero gradients shaped as :func:`_loss_and_gradients` gives them, and example indices of the
+    tables read by rows (distinct, in range), from the shapes the traced ``loss_graph`` records."""
+    gradients = [torch.zeros_like(param) for param in params]
+    layout = getattr(loss_graph, "table_rows", None)
+    if layout is None:
+        return gradients, []
+    (output,) = (node for node in loss_graph.graph.nodes if node.op == "output")
+    reads, indices = layout.split([node.meta["val"] for node in output.args[0][1:]])
+    examples = {}
+    for position, rows, index in zip(layout.positions, reads, indices):
+        gradients[position] = params[position].new_zeros(rows[0].shape)
+        examples[position] = torch.arange(index.shape[0], device=params[position].device)
+    return gradients, [examples[position] for position in sorted(examples)]
 
 
 def _split_state(inputs, count):

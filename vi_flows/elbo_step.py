@@ -92,9 +92,7 @@ class ELBOStep:
 
     def _compile(self, model, guide, args, kwargs, sticking_the_landing):
         """The whole step traced, compiled and run once on copies of its inputs."""
-        # Data-parallel ranks average whole gradients: their tables are differentiated whole.
-        tables = self.tables if self.parallel is None else ()
-        graph = trace_negative_elbo(model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, item_tables=tables, **kwargs)
+        graph = trace_negative_elbo(model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, item_tables=self.tables, **kwargs)
         reduce = self.parallel.average if self.parallel is not None else None
         compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads)
         compiled_step.warm_up()
