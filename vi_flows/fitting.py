@@ -16,6 +16,7 @@ from .averaging import IterateAverage
 from .data_parallel import process_group, rank, requested as data_parallel_requested
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
+from .messages import first_line
 from .schedule import LearningRate, PlateauRule
 from .threads import intra_op_threads
 
@@ -25,6 +26,10 @@ from .threads import intra_op_threads
 # about a minute with an empty one (RESULTS.md, "Time to a good posterior"), so such a run repays it
 # when the cache is warm.
 COMPILE_MIN_STEPS = 2000
+# A subsampled fit warns where a step's slope is noisier than this many posterior sds in some global
+# (vi_flows.autoflow.subsample_noise). Measured on benchmarks/local_scale.py's hierarchy, default fit:
+# at about 7 the globals ended 0.03-0.16 sds off, at 20 up to 0.7, at 60 1.2 with an sd at 0.42 of exact.
+MAX_SUBSAMPLE_NOISE = 10.0
 
 
 class FittingError(RuntimeError):
@@ -44,8 +49,9 @@ class FitResult:
     """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
     included), why it stopped, whether its steps ran compiled, how long compiling took and, where
     it was tried and failed, why, each rollback after the loss diverged (what was seen, what was
-    restored), and how many intra-op threads the steps ran on. ``(seconds - compile_seconds) /
-    num_steps`` is the time per step."""
+    restored), how many intra-op threads the steps ran on, over how many steps the result is
+    averaged, and on a subsampled plate the largest noise of a step's slope in the globals, in
+    posterior sds. ``(seconds - compile_seconds) / num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -57,6 +63,7 @@ class FitResult:
     rollbacks: list = field(default_factory=list)
     num_threads: int = 0
     averaged_steps: int = 0
+    subsample_noise: float = 0.0
 
 
 def fit(
@@ -125,6 +132,9 @@ def fit(
     A Monte Carlo gradient stays noisy at the optimum (more so on a subsampled plate): a fit by
     plateaus therefore ends at the mean of the iterates taken at its last learning rate
     (:mod:`~vi_flows.averaging`; the result's ``averaged_steps`` says over how many), not at the last one.
+    On a subsampled plate, a guide that measures it (``AutoFlow`` with local posteriors) gives the
+    noise of a step's slope in its globals, in posterior sds (the result's ``subsample_noise``,
+    :mod:`~vi_flows.autoflow.subsample_noise`), and a warning where it exceeds ``MAX_SUBSAMPLE_NOISE``.
 
     Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
     by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
@@ -179,6 +189,9 @@ def fit(
             result.averaged_steps = average.count
         if parallel:
             step_once.parallel.gather_tables(step_once.optimizer)
+        if step_once.subsampled:
+            world_size = step_once.parallel.world_size if parallel else 1
+            result.subsample_noise = _check_subsample_noise(guide, world_size, *args, **kwargs)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
@@ -187,6 +200,27 @@ def fit(
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_subsample_noise(guide, world_size, *args, **kwargs):
+    """The largest noise of a step's slope in a global, in posterior sds, of a guide that measures it
+    (``subsample_noise``; the ranks' mean of ``world_size``), with a warning above ``MAX_SUBSAMPLE_NOISE``."""
+    measure = getattr(guide, "subsample_noise", None)
+    try:
+        noise = measure(*args, **kwargs) if measure is not None else {}
+    except (NotImplementedError, RuntimeError, ValueError) as failure:  # a diagnostic: the fit stands
+        warnings.warn(f"fit could not measure the subsample's noise in the globals ({first_line(failure)})")
+        return math.nan
+    if not noise:
+        return 0.0
+    site, worst = max(((name, value.max().item() / math.sqrt(world_size)) for name, value in noise.items()), key=lambda pair: pair[1])
+    if worst > MAX_SUBSAMPLE_NOISE:
+        warnings.warn(
+            f"each step's subsample moves the slope in {site!r} by about {worst:.0f} of its posterior sds (the noise grows "
+            f"as sqrt(items / subsample size)); above {MAX_SUBSAMPLE_NOISE:.0f} the fitted globals can be off by tenths of "
+            "a posterior sd or more, their sds too small. Fit with a larger subsample_size, or check against a full-batch fit."
+        )
+    return worst
 
 
 def _device(guide):

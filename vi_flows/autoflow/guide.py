@@ -25,6 +25,7 @@ from .local_initialization import start_locals
 from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
 from .sites import check_latent_sites, local_sites, subsampled_plates
+from .subsample_noise import subsample_noise
 
 # Chosen by measurement with the default fit on the zoo's exact models (RESULTS.md, "Choosing a flow"):
 # planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
@@ -223,6 +224,15 @@ class AutoFlow(AutoContinuous):
         """The local posteriors' per-item tables, which ``fit`` steps lazily (:mod:`~vi_flows.item_steps`)."""
         tables = getattr(getattr(self.locals, "pseudo_observations", None), "tables", None)
         return tables() if tables is not None else []
+
+    def subsample_noise(self, *args, **kwargs):
+        """``{global site: noise per unconstrained coordinate}``: the sd of one step's slope on a
+        subsample, in posterior sds (:mod:`~vi_flows.autoflow.subsample_noise`); empty where no local
+        posterior's plate is subsampled."""
+        if self.locals is None or not self.locals.subsampled:
+            return {}
+        noise = subsample_noise(self, *args, **kwargs)
+        return {site["name"]: value for site, value in pyro_internals.unpack_latent(self, noise)}
 
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`

@@ -154,20 +154,17 @@ class LocalPosterior(PyroModule):
         ``indices`` given, the locals drawn from their posteriors; with an ``evidence`` dict, each
         local site's :meth:`evidence` goes in it. The subsample sites of the plates in ``unrecorded``
         do not reach the enclosing trace."""
-        features, local = None, set(self.names)
-        if self.data_plates:  # the subsample's data, with the locals from their priors
-            # The plates draw their subsamples here, through the handlers outside (fit's O(B) draw),
-            # and this run records them: the next one reads them.
+        features = None
+        if self.data_plates:  # the subsample's data, with the locals from their priors; the plates draw
+            # their subsamples here, through the handlers outside (fit's O(B) draw), recorded once
             data_hidden = functools.partial(_hidden, local=(), unrecorded=unrecorded)
             with poutine.block(hide_fn=data_hidden), poutine.trace() as data_run, LocalSampler(None, global_values, local_values, indices):
                 self.model(*args, **kwargs)
             indices = {plate: data_run.trace.nodes[plate]["value"] for plate in self.subsampled}
             features = self.item_features(data_run.trace)
             unrecorded = set(unrecorded) | {name for name, site in data_run.trace.nodes.items() if site_is_subsample(site)}
-        hidden = functools.partial(_hidden, local=local, unrecorded=unrecorded)
-
-        sampler = LocalSampler(self, global_values, local_values, indices, features, evidence)
-        with poutine.block(hide_fn=hidden), poutine.trace() as capture, sampler:
+        hidden = functools.partial(_hidden, local=set(self.names), unrecorded=unrecorded)
+        with poutine.block(hide_fn=hidden), poutine.trace() as capture, LocalSampler(self, global_values, local_values, indices, features, evidence):
             self.model(*args, **kwargs)
         return capture.trace
 
@@ -259,8 +256,8 @@ class LocalSampler(Messenger):
 
 
 def _hidden(msg, local, unrecorded):
-    """Whether a run of the model keeps a message from the enclosing trace: every sample site but the
-    ``local`` ones and the subsample sites of plates outside ``unrecorded``."""
+    """Whether a model run hides ``msg`` from the enclosing trace: every sample site but the ``local``
+    ones, and the subsample sites of the plates in ``unrecorded``."""
     if msg["type"] != "sample":
         return False
     return msg["name"] in unrecorded if site_is_subsample(msg) else msg["name"] not in local

@@ -64,9 +64,9 @@ def collapsed_log_joint(guide, latent, *args, max_subsamples=COLLAPSED_SUBSAMPLE
     return sum(term(latent) for term in collapsed_terms(guide, *args, max_subsamples=max_subsamples, **kwargs))
 
 
-def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, **kwargs):
+def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, with_globals=True, **kwargs):
     """:func:`collapsed_log_joint` as a list of functions of ``latent``, one per subsample (the first
-    also carries the globals' own terms), the same subsamples at every call."""
+    also carries the globals' own terms, unless ``with_globals`` is false), the same subsamples at every call."""
     posterior = guide.locals
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -75,7 +75,7 @@ def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, **kwargs)
     if posterior.subsampled:
         ((plate, frame),) = posterior.subsampled.items()
         scale = frame.full_size / (frame.size * len(subsamples))
-    return [functools.partial(_collapsed_term, guide, indices, scale, index == 0, args, kwargs) for index, indices in enumerate(subsamples)]
+    return [functools.partial(_collapsed_term, guide, indices, scale, with_globals and index == 0, args, kwargs) for index, indices in enumerate(subsamples)]
 
 
 def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
