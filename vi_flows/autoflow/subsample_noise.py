@@ -5,8 +5,9 @@ times the subsample's: its noise grows as :math:`\sqrt{N / B}`, while the poster
 :math:`1 / \sqrt{N}`. Measured in the posterior's sd, the noise of one step's slope in a global
 coordinate is about :math:`\sqrt{N / B}` times a model constant, and Adam's iterates under it
 wander and settle with their scales too small: on ``benchmarks/local_scale.py``'s hierarchy (B = 256)
-the noise was about 20 at N = 10^5 and 60 at 10^6, where the default fit's globals ended up to 0.7 and
-1.2 posterior sds off, and tau's sd at 0.42 of exact at 10^6 (RESULTS.md, "Local latents at scale").
+the noise is 7, 12, 21 and 68 at N = 10^4, 3 x 10^4, 10^5 and 10^6, and the default fit's globals
+ended up to 0.16, 0.34, 0.72 and 1.24 posterior sds off (two seeds; one at 10^5), tau's sd at 0.42
+of exact on one seed at 10^6 (RESULTS.md, "Local latents at scale").
 
 :func:`subsample_noise` reads it off a guide with local posteriors: the sd, over subsamples, of the
 slope of the collapsed log-likelihood (each item integrated out against its pseudo-observation,
