@@ -45,7 +45,7 @@ def lazy_adam_step(optimizer, tables):
 class TableReads(Messenger):
     """Records each read of the per-item ``tables`` (unconstrained parameters read as ``pyro.param``
     with an ``event_dim``) in the program it handles: ``reads``, a list of ``(table, value read,
-    (dim, indices) of the plate's subsample or None)``."""
+    (dim, indices) of the plate's subsample, or None where the table was read whole)``."""
 
     def __init__(self, tables):
         super().__init__()
@@ -80,7 +80,11 @@ class TableReads(Messenger):
             values.append(value)
         positions = {id(param): position for position, param in enumerate(params)}
         entries = [(positions[key], dim, indices, values) for key, ((dim, indices), values) in by_table.items()]
-        layout = TableRows(*(tuple(column) for column in zip(*[(position, dim, len(values)) for position, dim, _, values in entries])))
+        layout = TableRows(
+            positions=tuple(position for position, *_ in entries),
+            dims=tuple(dim for _, dim, *_ in entries),
+            counts=tuple(len(values) for *_, values in entries),
+        )
         return layout, [value for *_, values in entries for value in values] + [indices for _, _, indices, _ in entries]
 
 
