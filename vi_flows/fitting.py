@@ -215,7 +215,7 @@ def _check_subsample_noise(guide, world_size, *args, **kwargs):
     if not noise:
         return 0.0
     site, worst = max(((name, value.max().item() / math.sqrt(world_size)) for name, value in noise.items()), key=lambda pair: pair[1])
-    if worst > MAX_SUBSAMPLE_NOISE:
+    if worst > MAX_SUBSAMPLE_NOISE and rank() == 0:  # data-parallel, every rank measures the same
         warnings.warn(
             f"each step's subsample moves the slope in {site!r} by about {worst:.0f} of its posterior sds (the noise grows "
             f"as sqrt(items / subsample size)); above {MAX_SUBSAMPLE_NOISE:.0f} the fitted globals can be off by tenths of "
