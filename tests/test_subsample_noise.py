@@ -35,6 +35,8 @@ def test_the_noise_of_a_subsampled_step_in_mu_is_the_closed_forms(fresh_param_st
     noise = guide.subsample_noise(data, subsample)
     assert list(noise) == ["mu"]
     assert noise["mu"].item() == pytest.approx(expected_noise(data, subsample), rel=0.3)
+    # A guide not yet set up sets itself up; without subsampling there is no such noise.
+    assert list(AutoFlow(fixed_tau_model, local="per-item", name="fresh").subsample_noise(data, subsample)) == ["mu"]
     assert AutoFlow(fixed_tau_model, local="per-item", name="full").subsample_noise(data) == {}
 
 

@@ -229,6 +229,7 @@ class AutoFlow(AutoContinuous):
         """``{global site: noise per unconstrained coordinate}``: the sd of one step's slope on a
         subsample, in posterior sds (:mod:`~vi_flows.autoflow.subsample_noise`); empty where no local
         posterior's plate is subsampled."""
+        self.setup(*args, **kwargs)
         if self.locals is None or not self.locals.subsampled:
             return {}
         noise = subsample_noise(self, *args, **kwargs)
