@@ -75,8 +75,8 @@ def _snapshot(step):
 
 
 def _eager_and_one_graph_runs(step, graph, reduce=None):
-    """Three steps of ``step`` (seeds 10-12) from its current parameters, eagerly and through the
-    whole step traced as one graph (``graph``: the traced loss; with ``reduce``, two graphs and
+    """Three steps of ``step`` (seeds 10-12; its control variate, where it has one, re-anchored after
+    the first) from its current parameters, eagerly and through the whole step traced as one graph (``graph``: the traced loss; with ``reduce``, two graphs and
     ``reduce`` between them, as data-parallel) with ``step``'s clip, per-item tables and noise clip:
     the start, then ``(losses, params, optimiser state)`` of each run."""
     start = [param.detach().clone() for param in step.params]
@@ -85,6 +85,7 @@ def _eager_and_one_graph_runs(step, graph, reduce=None):
         with torch.no_grad():
             torch._foreach_copy_(step.params, start)
         step.optimizer.state.clear()
+        step.refresh_control_variate()  # anchored at the start, in both runs
         take = step
         if one_graph:
             take = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None, reduce=reduce)
@@ -92,6 +93,8 @@ def _eager_and_one_graph_runs(step, graph, reduce=None):
         for index in range(3):
             pyro.set_rng_seed(10 + index)
             losses.append(take(1e-2))
+            if index == 0:  # re-anchored in place: the graph reads the new anchor and slopes
+                step.refresh_control_variate()
         runs.append((losses, *_snapshot(step)))
     return start, runs
 
@@ -124,7 +127,10 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
     guide = AutoFlow(latent_tau_model, local="per-item")
     step = ELBOStep(latent_tau_model, guide, data, 50, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, clip_norm=0.5, threads=1)
     assert step.subsampled and len(step.tables) == 2
-    graph = trace_negative_elbo(latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True, item_tables=step.tables)
+    assert step.control_variate is not None  # the default on a subsampled plate
+    graph = trace_negative_elbo(
+        latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True, control_variate=step.control_variate, item_tables=step.tables
+    )
     # The graph reads both tables by the subsample's rows: the step differentiates and updates those alone.
     tables = {id(table) for table in step.tables}
     assert sorted(graph.table_rows.positions) == [index for index, param in enumerate(step.params) if id(param) in tables]

@@ -43,7 +43,7 @@ def is_subsampled(guide, *args, **kwargs):
     )
 
 
-def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **kwargs):
+def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, control_variate=None, **kwargs):
     """Pyro's ``Trace_ELBO`` loss over ``particles`` (:class:`~vi_flows.particles.Particles`: how many
     draws, and how the model runs on them), written for guides whose sample sites are all
     reparameterised (no score-function terms): the mean over the guide's draws of log q - log p.
@@ -55,12 +55,20 @@ def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, **
     gradient through the draw alone, without the score term whose expectation is zero (Roeder, Wu &
     Duvenaud, "Sticking the Landing", NeurIPS 2017). Unbiased for this objective; with Renyi or
     importance-weighted objectives it would not be.
+
+    ``control_variate`` (a :class:`~vi_flows.control_variates.LinearControlVariate`, or None) adds to
+    each draw's log joint a term of expectation zero over the subsamples that cancels most of the
+    subsample's noise in the globals' gradient.
     """
-    log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
-    return (log_q - log_p).mean()
+    if control_variate is None:
+        log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+        return (log_q - log_p).mean()
+    with control_variate.reads() as reads:
+        log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+    return (log_q - log_p - reads.terms()).mean()
 
 
-def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, item_tables=(), **kwargs):
+def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, control_variate=None, item_tables=(), **kwargs):
     """:func:`negative_elbo` traced into a graph of tensor operations (``make_fx``): a
     ``GraphModule`` whose inputs are ``params`` (the unconstrained parameter tensors of model and
     guide, as Pyro's ``SVI`` collects them), so gradients reach them as in eager mode, and whose
@@ -69,6 +77,7 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
     subsample, the graph also returns those rows and indices, as its ``table_rows`` says
     (:class:`~vi_flows.item_steps.TableRows`), so that a step can differentiate and update the rows alone.
 
+    The graph reads a ``control_variate``'s tensors as they are at each call (refreshed in place).
     The model's Python control flow is fixed at tracing: a branch on a latent value cannot be traced
     and raises :class:`CompileError`, as does a parameter that does not reach the traced loss.
     """
@@ -79,7 +88,7 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
 
     def loss():
         with TableReads(item_tables) as reads:
-            value = negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+            value = negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, control_variate=control_variate, **kwargs)
         rows = reads.rows(params)
         if rows is None:
             return value

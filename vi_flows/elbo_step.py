@@ -28,7 +28,9 @@ class ELBOStep:
     ``ClippedAdam`` does; on a subsampled plate, not below the noise: :mod:`~vi_flows.clipping`) and
     an Adam update of every parameter that model and guide read, lazy on the guide's per-item
     tables (``guide.item_tables()``, :mod:`~vi_flows.item_steps`). A large plate's subsample is
-    drawn in O(B) (:mod:`~vi_flows.subsampling`).
+    drawn in O(B) (:mod:`~vi_flows.subsampling`), and with ``control_variate`` (``True``, ``False`` or
+    ``"auto"``: where the guide offers one) the subsample's noise in the globals' gradient is mostly
+    cancelled (:mod:`~vi_flows.control_variates`; :meth:`refresh_control_variate` re-anchors it).
 
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
@@ -50,11 +52,15 @@ class ELBOStep:
         sticking_the_landing="auto",
         threads=None,
         data_parallel=False,
+        control_variate="auto",
         **kwargs,
     ):
         if sticking_the_landing not in (True, False, "auto"):
             raise ValueError(f"sticking_the_landing must be True, False or 'auto', got {sticking_the_landing!r}")
-        self.particles = None
+        if control_variate not in (True, False, "auto"):
+            raise ValueError(f"control_variate must be True, False or 'auto', got {control_variate!r}")
+        user_guide = guide
+        self.particles, self.control_variate = None, None
         self.subsampled = is_subsampled(guide, *args, **kwargs)
         if first_score_function_site(guide, *args, **kwargs) is None:
             self.particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
@@ -74,6 +80,7 @@ class ELBOStep:
             guide = self.parallel.subsamples(guide)
         if self.subsampled:  # large plates draw their subsamples in O(B) (vi_flows.subsampling)
             guide = FastSubsamples()(guide)
+        self.control_variate = _control_variate(user_guide, control_variate, self.subsampled and self.particles is not None, args, kwargs)
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
@@ -92,7 +99,9 @@ class ELBOStep:
 
     def _compile(self, model, guide, args, kwargs, sticking_the_landing):
         """The whole step traced, compiled and run once on copies of its inputs."""
-        graph = trace_negative_elbo(model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, item_tables=self.tables, **kwargs)
+        graph = trace_negative_elbo(
+            model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, item_tables=self.tables, **kwargs
+        )
         reduce = self.parallel.average if self.parallel is not None else None
         compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads)
         compiled_step.warm_up()
@@ -102,7 +111,7 @@ class ELBOStep:
         """The loss of one step, a function of nothing."""
         if self.particles is None:
             return functools.partial(self._elbo.differentiable_loss, model, guide, *args, **kwargs)
-        return functools.partial(negative_elbo, model, guide, self.particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
+        return functools.partial(negative_elbo, model, guide, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, **kwargs)
 
     def _threads(self, threads):
         """The intra-op threads to step on: ``threads``, or with "auto" the faster of one and all
@@ -122,6 +131,11 @@ class ELBOStep:
             param.grad = None
         return num_threads
 
+    def refresh_control_variate(self):
+        """Re-anchor the control variate, where the step has one, at the guide's posterior mean (O(N))."""
+        if self.control_variate is not None:
+            self.control_variate.refresh()
+
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
         return self._compiled_step(lr) if self._compiled_step is not None else self._eager_step(lr)
@@ -139,6 +153,22 @@ class ELBOStep:
         lazy_adam_step(self.optimizer, self.tables)
         self.optimizer.zero_grad()
         return loss.item()
+
+
+def _control_variate(guide, wanted, possible, args, kwargs):
+    """The guide's control variate for the subsample's noise (:mod:`~vi_flows.control_variates`),
+    anchored, where ``wanted`` and ``possible`` (a subsampled step of reparameterised draws) and the
+    guide offers one (``guide.control_variate``); else None, or with ``wanted=True`` an error."""
+    offer = getattr(guide, "control_variate", None)
+    control_variate = offer(*args, **kwargs) if wanted and possible and offer is not None else None
+    if control_variate is None and wanted is True:
+        raise ValueError(
+            "control_variate=True needs a subsampled plate of local latents, reparameterised, and a guide that offers "
+            "a control variate for it (AutoFlow with local posteriors); pass control_variate='auto' or False."
+        )
+    if control_variate is not None:
+        control_variate.refresh()
+    return control_variate
 
 
 def _clip_eagerly(step):

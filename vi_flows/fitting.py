@@ -89,6 +89,7 @@ def fit(
     sticking_the_landing: bool | str = "auto",
     threads: int | str = "auto",
     data_parallel: bool | str = "auto",
+    control_variate: bool | str = "auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -136,6 +137,9 @@ def fit(
     On a subsampled plate, a guide that measures it (``AutoFlow`` with local posteriors) gives the
     noise of a step's slope in its globals, in posterior sds (the result's ``subsample_noise``,
     :mod:`~vi_flows.autoflow.subsample_noise`), and a warning where it exceeds ``MAX_SUBSAMPLE_NOISE``.
+    ``control_variate`` (``True``, ``False`` or ``"auto"``: where the guide offers one) cancels most of
+    that noise (:mod:`~vi_flows.control_variates`), re-anchored at every plateau (every ``window``
+    steps with ``num_steps``).
 
     Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
     by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
@@ -171,7 +175,7 @@ def fit(
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
         if parallel:
             ranks.enter_context(process_group(_device(guide)))
-        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads)
+        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads, control_variate=control_variate)
         step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, data_parallel=parallel, **options, **kwargs)
         if parallel and seed is not None:
             pyro.set_rng_seed(seed + rank())  # the ranks' own draws, from rank 0's start
@@ -184,7 +188,7 @@ def fit(
         # The last rate's iterates are averaged (vi_flows.averaging).
         average = IterateAverage(step_once.params) if plateaus is not None else None
         with intra_op_threads(step_once.num_threads):
-            result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average)
+            result.stop_reason = _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average, window)
         if average is not None and result.stop_reason.startswith("converged"):
             average.apply()
             result.averaged_steps = average.count
@@ -192,7 +196,7 @@ def fit(
             step_once.parallel.gather_tables(step_once.optimizer)
         if step_once.subsampled:
             world_size = step_once.parallel.world_size if parallel else 1
-            result.subsample_noise = _check_subsample_noise(guide, world_size, *args, **kwargs)
+            result.subsample_noise = _check_subsample_noise(guide, step_once.control_variate, world_size, *args, **kwargs)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
@@ -203,12 +207,13 @@ def fit(
     return result
 
 
-def _check_subsample_noise(guide, world_size, *args, **kwargs):
+def _check_subsample_noise(guide, control_variate, world_size, *args, **kwargs):
     """The largest noise of a step's slope in a global, in posterior sds, of a guide that measures it
-    (``subsample_noise``; the ranks' mean of ``world_size``), with a warning above ``MAX_SUBSAMPLE_NOISE``."""
+    (``subsample_noise``, with the step's ``control_variate``; the ranks' mean of ``world_size``),
+    with a warning above ``MAX_SUBSAMPLE_NOISE``."""
     measure = getattr(guide, "subsample_noise", None)
     try:
-        noise = measure(*args, **kwargs) if measure is not None else {}
+        noise = measure(*args, control_variate=control_variate, **kwargs) if measure is not None else {}
     except (NotImplementedError, RuntimeError, ValueError) as failure:  # a diagnostic: the fit stands
         warnings.warn(f"fit could not measure the subsample's noise in the globals ({first_line(failure)})")
         return math.nan
@@ -230,11 +235,14 @@ def _device(guide):
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average=None):
+def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_rollbacks, result, bar, average=None, window=None):
     """Take up to ``budget`` steps, recording losses in ``result``; return why fitting stopped early,
-    or "" if it did not. ``plateaus`` is None for a fixed number of steps; ``average``, where given,
-    averages the iterates after the last plateau but one."""
+    or "" if it did not. ``plateaus`` is None for a fixed number of steps (the control variate is
+    then re-anchored every ``window`` steps); ``average``, where given, averages the iterates after
+    the last plateau but one."""
     for step in range(budget):
+        if plateaus is None and step and window and step % window == 0:
+            step_once.refresh_control_variate()
         # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
         with pyro.validation_enabled(False):
             loss_value = step_once(learning_rate(step))
@@ -252,6 +260,7 @@ def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_ro
             learning_rate.cut()
             if plateaus.count == num_plateaus:
                 return f"converged: {num_plateaus} plateaus of {plateaus.window} steps"
+            step_once.refresh_control_variate()
         if average is not None and plateaus.count == num_plateaus - 1 and divergence is None:
             average.update()
     return ""

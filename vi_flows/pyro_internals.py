@@ -33,6 +33,12 @@ def unpack_latent(guide, latent):
     return list(guide._unpack_latent(latent))
 
 
+def latent_site(guide):
+    """The name of the sample site at which an ``AutoContinuous`` guide draws its packed latent
+    (``sample_latent``'s ``"_{name}_latent"``)."""
+    return f"_{guide._pyro_name}_latent"
+
+
 def plate_depth(guide):
     """How many plate dimensions the guide's sites sit in (from ``_prototype_frames``): Pyro unpacks
     draws that sit left of all of them."""

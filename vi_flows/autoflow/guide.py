@@ -21,6 +21,7 @@ from ..registry import build_flow, check_flow_options
 from .base import BASES
 from .initialization import INITS, InitWithFallback, start
 from .local import LocalPosterior
+from .item_slopes import evidence_control_variate, subsampled_plate
 from .local_initialization import start_locals
 from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
@@ -225,15 +226,23 @@ class AutoFlow(AutoContinuous):
         tables = getattr(getattr(self.locals, "pseudo_observations", None), "tables", None)
         return tables() if tables is not None else []
 
-    def subsample_noise(self, *args, **kwargs):
+    def subsample_noise(self, *args, control_variate=None, **kwargs):
         """``{global site: noise per unconstrained coordinate}``: the sd of one step's slope on a
-        subsample, in posterior sds (:mod:`~vi_flows.autoflow.subsample_noise`); empty where no local
+        subsample, in posterior sds, with ``control_variate`` where given (``fit``'s, see
+        :meth:`control_variate`; :mod:`~vi_flows.autoflow.subsample_noise`); empty where no local
         posterior's plate is subsampled."""
         self.setup(*args, **kwargs)
-        if self.locals is None or not self.locals.subsampled:
+        if subsampled_plate(self) is None or not self.latent_dim:
             return {}
-        noise = subsample_noise(self, *args, **kwargs)
+        noise = subsample_noise(self, *args, control_variate=control_variate, **kwargs)
         return {site["name"]: value for site, value in pyro_internals.unpack_latent(self, noise)}
+
+    def control_variate(self, *args, **kwargs):
+        """A :class:`~vi_flows.control_variates.LinearControlVariate` (not yet anchored) for the
+        subsample's noise in the globals, from each item's slope of its collapsed evidence
+        (:mod:`~vi_flows.autoflow.item_slopes`); None where no local posterior's plate is subsampled."""
+        self.setup(*args, **kwargs)
+        return evidence_control_variate(self, *args, **kwargs) if self.latent_dim else None
 
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`

@@ -132,15 +132,15 @@ class LocalPosterior(PyroModule):
         return plate_features(trace, self.data_plates, self.plate_depth, self.given_features)
 
     def evidence(self, name, prior, features=None):
-        """``log N(a; m, s^2 + 1/beta)`` summed over the current items of local site ``name``: the
-        log-likelihood of the globals behind ``prior`` that its pseudo-observations stand for, the
-        site integrated out (0 for a prior that is not Gaussian)."""
+        """``log N(a; m, s^2 + 1/beta)`` per coordinate of the current items of local site ``name``
+        (shaped as its value): the log-likelihood of the globals behind ``prior`` that its
+        pseudo-observations stand for, the site integrated out; None for a prior that is not Gaussian."""
         gaussian = gaussian_prior(prior)
         if gaussian is None:
-            return 0.0
+            return None
         loc, precision = self.pseudo_observations(name, features)
         prior_loc, prior_scale = gaussian
-        return dist.Normal(prior_loc, (prior_scale.pow(2) + precision.reciprocal()).sqrt()).log_prob(loc).sum()
+        return dist.Normal(prior_loc, (prior_scale.pow(2) + precision.reciprocal()).sqrt()).log_prob(loc)
 
     def forward(self, global_values, *args, indices=None, drawn_plates=None, **kwargs):
         """``drawn_plates``: ``{plate: indices}`` an enclosing guide has drawn and recorded (an
@@ -250,8 +250,9 @@ class LocalSampler(Messenger):
         elif name in self.local_values:
             msg["value"] = self.local_values[name]
         if self.posterior is not None and name in self.posterior.names:
-            if self.evidence is not None:
-                self.evidence[name] = self.posterior.evidence(name, msg["fn"], self.features)
+            evidence = self.posterior.evidence(name, msg["fn"], self.features) if self.evidence is not None else None
+            if evidence is not None:
+                self.evidence[name] = evidence
             msg["fn"] = self.posterior.conditional(name, msg["fn"], self.features)
 
 

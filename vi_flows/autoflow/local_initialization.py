@@ -84,7 +84,7 @@ def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
     terms = {}
     with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used: no trace of them
         trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
-    evidence = scale * sum(terms.values(), latent.new_zeros(()))  # a tensor even where no prior is Gaussian
+    evidence = scale * sum((term.sum() for term in terms.values()), latent.new_zeros(()))  # a tensor even where no prior is Gaussian
     if not with_globals:
         return evidence
     outside = [site for site in trace.nodes.values() if _counts(site) and site["is_observed"] and not _in_local_plates(posterior, site)]

@@ -9,29 +9,43 @@ the noise is 7, 12, 21 and 68 at N = 10^4, 3 x 10^4, 10^5 and 10^6, and the defa
 ended up to 0.16, 0.34, 0.72 and 1.24 posterior sds off (two seeds; one at 10^5), tau's sd at 0.42
 of exact on one seed at 10^6 (RESULTS.md, "Local latents at scale").
 
+With a control variate (:mod:`~vi_flows.control_variates`, ``fit``'s default) a step's noise is
+that of each item's slope less its row of the control variate's table, of the order of the draw's
+distance from the anchor: it is measured at a few of the guide's draws.
+
 :func:`subsample_noise` reads it off a guide with local posteriors: the sd, over subsamples, of the
 slope of the collapsed log-likelihood (each item integrated out against its pseudo-observation,
-:func:`~vi_flows.autoflow.local_initialization.collapsed_terms`) at the posterior mean of the globals,
-times their posterior sd there.
+:mod:`~vi_flows.autoflow.item_slopes`) at a few of the guide's draws (their root mean square), less the
+control variate's rows where given, times the globals' posterior sd.
 """
 
 import torch
 
-from .local_initialization import collapsed_terms
+from .item_slopes import item_slopes, subsampled_plate
+from .local_initialization import _subsamples
 
 NUM_SUBSAMPLES = 32
+NUM_POINTS = 4
 
 
-def subsample_noise(guide, *args, num_subsamples=NUM_SUBSAMPLES, num_draws=1000, **kwargs):
+def subsample_noise(guide, *args, control_variate=None, num_subsamples=NUM_SUBSAMPLES, num_draws=1000, **kwargs):
     """Per coordinate of ``guide``'s global latent vector (unconstrained), the sd of one subsample's
-    estimate of the collapsed log-likelihood's slope, times the posterior sd, at the posterior mean
-    (of ``num_draws`` draws), over ``num_subsamples`` subsamples of the model run ``model(*args, **kwargs)``."""
+    estimate of the collapsed log-likelihood's slope (less ``control_variate``'s, where given), times the
+    posterior sd (of ``num_draws`` draws), over ``num_subsamples`` subsamples of the model run
+    ``model(*args, **kwargs)``, at ``NUM_POINTS`` of the draws."""
     with torch.no_grad(), torch.random.fork_rng():
         draws = guide.get_posterior(*args, **kwargs).sample((num_draws,))
-    terms = collapsed_terms(guide, *args, max_subsamples=num_subsamples, with_globals=False, **kwargs)
-    slopes = []
-    for term in terms:
-        latent = draws.mean(0).requires_grad_()
-        (slope,) = torch.autograd.grad(len(terms) * term(latent), latent)  # one subsample's estimate
-        slopes.append(slope)
-    return torch.stack(slopes).std(0) * draws.std(0)
+    plate, frame = subsampled_plate(guide)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        subsamples = list(_subsamples(guide.locals, num_subsamples))
+    variances = []
+    for point in draws[:NUM_POINTS]:
+        estimates = []
+        for indices in subsamples:
+            slopes = item_slopes(guide, point, indices, *args, **kwargs)
+            if control_variate is not None:
+                slopes = slopes - control_variate.slopes[indices[plate]]
+            estimates.append(slopes.sum(0) * frame.full_size / frame.size)
+        variances.append(torch.stack(estimates).var(0))
+    return torch.stack(variances).mean(0).sqrt() * draws.std(0)

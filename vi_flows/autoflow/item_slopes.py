@@ -1,0 +1,96 @@
+r"""Each item's slope in the globals of its collapsed evidence: what a subsampled step's control
+variate reads (:mod:`~vi_flows.control_variates`) and how its noise is measured
+(:mod:`~vi_flows.autoflow.subsample_noise`).
+
+A local posterior stands for item :math:`i`'s likelihood of the globals :math:`\theta` with its
+pseudo-observation: :math:`e_i(\theta) = \log N(a_i;\, m(\theta), s(\theta)^2 + 1/\beta_i)`, the item
+integrated out (:meth:`~vi_flows.autoflow.local.LocalPosterior.evidence`). Where the pseudo-observation
+matches the likelihood (a conjugate item, from its start), an item's share of the ELBO's gradient
+in :math:`\theta` is exactly :math:`\nabla e_i`; elsewhere it is close.
+
+The slopes of a subsample's items, :math:`(B, D)` for :math:`D` global coordinates, are one backward
+pass with a weight per item, then one more per coordinate, differentiating in the weights.
+"""
+
+import functools
+
+import torch
+from pyro import poutine
+
+from .. import pyro_internals
+from ..control_variates import LinearControlVariate
+from .local_initialization import _subsamples, constrained_values
+
+
+def subsampled_plate(guide):
+    """``(plate, frame)`` of the one subsampled plate of ``guide``'s local posteriors, or None."""
+    posterior = getattr(guide, "locals", None)
+    if posterior is None or not posterior.subsampled:
+        return None
+    if len(posterior.subsampled) > 1:
+        raise NotImplementedError(f"the items' slopes of several subsampled plates ({', '.join(posterior.subsampled)})")
+    return next(iter(posterior.subsampled.items()))
+
+
+def evidence_control_variate(guide, *args, **kwargs):
+    """A :class:`~vi_flows.control_variates.LinearControlVariate` of the items' collapsed evidence
+    for a set-up ``AutoFlow`` with globals, not yet anchored; None where no plate of its local
+    posteriors is subsampled."""
+    found = subsampled_plate(guide)
+    if found is None:
+        return None
+    plate, frame = found
+    slopes = functools.partial(_all_item_slopes, guide, args, kwargs)
+    return LinearControlVariate(pyro_internals.latent_site(guide), plate, frame.full_size, guide.get_posterior, slopes, guide.centre)
+
+
+def item_slopes(guide, latent, indices, *args, **kwargs):
+    """``(B, D)``: the slope of each item's collapsed evidence at the packed unconstrained globals
+    ``latent``, for the items ``indices`` (``{plate: (B,) tensor}``) of the model run ``model(*args, **kwargs)``."""
+    point = latent.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        evidence = item_evidence(guide, point, indices, *args, **kwargs)
+        weights = torch.ones_like(evidence, requires_grad=True)
+        if not evidence.requires_grad:  # no item's evidence follows the globals
+            return evidence.new_zeros(evidence.shape + point.shape)
+        (weighted,) = torch.autograd.grad(evidence, point, grad_outputs=weights, create_graph=True)
+        columns = [_derivative(coordinate, weights) for coordinate in weighted.unbind()]
+    return torch.stack(columns, -1).detach()
+
+
+def all_item_slopes(guide, latent, *args, **kwargs):
+    """``(N, D)``: :func:`item_slopes` of every item of the subsampled plate, a subsample at a time."""
+    plate, frame = subsampled_plate(guide)
+    slopes = latent.new_zeros(frame.full_size, latent.numel())
+    with torch.random.fork_rng():  # the same chunks on every rank of a data-parallel fit
+        torch.manual_seed(0)
+        subsamples = list(_subsamples(guide.locals, None))
+    for indices in subsamples:
+        slopes[indices[plate]] = item_slopes(guide, latent, indices, *args, **kwargs)
+    return slopes
+
+
+def item_evidence(guide, latent, indices, *args, **kwargs):
+    """``(B,)``: each item's collapsed evidence at ``latent`` (summed over its sites and coordinates)."""
+    posterior = guide.locals
+    plate, frame = subsampled_plate(guide)
+    global_values, _ = constrained_values(guide, latent)
+    terms = {}
+    with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used
+        posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+    total = latent.new_zeros(len(indices[plate]))
+    for name, value in terms.items():
+        dim = frame.dim - posterior.event_dims[name]
+        total = total + value.movedim(dim, 0).reshape(value.shape[dim], -1).sum(-1)
+    return total
+
+
+def _all_item_slopes(guide, args, kwargs, latent):
+    return all_item_slopes(guide, latent, *args, **kwargs)
+
+
+def _derivative(output, weights):
+    if not output.requires_grad:  # this coordinate's slope does not vary with the items
+        return torch.zeros_like(weights)
+    (column,) = torch.autograd.grad(output, weights, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(weights) if column is None else column
