@@ -7,8 +7,10 @@ groups N at a subsample of B = 256, for ``AutoFlow`` (its per-item local posteri
 next to Pyro's ``AutoNormal`` with
 ``create_plates`` subsampling, each configuration in its own process (for its peak memory).
 ``fit [local] [seeds...]`` runs the default ``fit(model, AutoFlow(model, local=local))`` at N = 100,000
-subsampled on each seed, and reports its time, peak memory and the globals' posterior beside the
-exact one and (first seed) a full-batch mean-field fit's.
+(``--groups``) subsampled on each seed, and reports its time, peak memory, the subsample's noise
+left (``FitResult.subsample_noise``) and the globals' posterior beside the exact one and (first seed,
+unless ``--no-mean-field``) a full-batch mean-field fit's; ``--no-control-variate`` fits without ``fit``'s
+control variate.
 """
 
 import argparse
@@ -99,13 +101,13 @@ def step_table(sizes=(10**3, 10**4, 10**5, 10**6), kinds=("AutoNormal", "AutoFlo
         print(f"{size:>9} {cells} {ratios}", flush=True)
 
 
-def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True):
+def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True, control_variate="auto"):
     """The default fit (on ``seed``), subsampled, against a full-batch mean-field fit of the same model."""
     torch.set_num_threads(1)
     pyro.clear_param_store()
     model = make_model(num_groups)
     guide = AutoFlow(model, local=local)
-    result = fit(model, guide, seed=seed, progress=False)
+    result = fit(model, guide, seed=seed, progress=False, control_variate=control_variate)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     moments = guide_moments(guide, 4000, chunk_size=100)  # draws x items at a time
     report = {
@@ -116,6 +118,7 @@ def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True):
         "compile_seconds": result.compile_seconds,
         "steps": result.num_steps,
         "stop": result.stop_reason,
+        "subsample_noise": result.subsample_noise,
         "tau": [moments["tau"][0].item(), moments["tau"][1].item()],
         "mu": [moments["mu"][0].item(), moments["mu"][1].item()],
         "peak_mb": peak_mb,
@@ -146,6 +149,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["step", "fit", "all", "_one"])
     parser.add_argument("rest", nargs="*")
+    parser.add_argument("--groups", type=int, default=10**5, help="fit: the number of groups N")
+    parser.add_argument("--no-control-variate", action="store_true", help="fit: without fit's control variate")
+    parser.add_argument("--no-mean-field", action="store_true", help="fit: without the full-batch mean-field fit")
     args = parser.parse_args(argv)
     if args.what == "_one":
         print(json.dumps(one_step_time(args.rest[1], int(args.rest[2]))))
@@ -154,8 +160,11 @@ def main(argv=None):
         step_table()
     if args.what in ("fit", "all"):
         local, *seeds = args.rest or ["auto"]
+        control_variate = False if args.no_control_variate else "auto"
         for index, seed in enumerate(seeds or ["0"]):
-            print(json.dumps(fit_at_scale(local=local, seed=int(seed), with_mean_field=index == 0), indent=1), flush=True)
+            with_mean_field = index == 0 and not args.no_mean_field
+            report = fit_at_scale(args.groups, local, int(seed), with_mean_field, control_variate)
+            print(json.dumps(report, indent=1), flush=True)
 
 
 if __name__ == "__main__":

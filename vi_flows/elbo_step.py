@@ -80,7 +80,9 @@ class ELBOStep:
             guide = self.parallel.subsamples(guide)
         if self.subsampled:  # large plates draw their subsamples in O(B) (vi_flows.subsampling)
             guide = FastSubsamples()(guide)
-        self.control_variate = _control_variate(user_guide, control_variate, self.subsampled and self.particles is not None, args, kwargs)
+        # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
+        possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
+        self.control_variate = _control_variate(user_guide, control_variate, possible, args, kwargs)
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm

@@ -27,9 +27,9 @@ from .threads import intra_op_threads
 # when the cache is warm.
 COMPILE_MIN_STEPS = 2000
 # A subsampled fit warns where a step's slope is noisier than this many posterior sds in some global
-# (vi_flows.autoflow.subsample_noise). Measured on benchmarks/local_scale.py's hierarchy, default fits
-# of two seeds (RESULTS.md): at a noise of 7 the globals ended 0.03-0.16 sds off, at 12 0.13-0.34, at 68
-# up to 1.24, with tau's sd at 0.42 of exact.
+# (vi_flows.autoflow.subsample_noise). Measured on benchmarks/local_scale.py's hierarchy, fits of two
+# seeds without the control variate (RESULTS.md): at a noise of 7 the globals ended 0.03-0.16 sds off,
+# at 12 0.13-0.34, at 68 up to 1.24, with tau's sd at 0.42 of exact.
 MAX_SUBSAMPLE_NOISE = 10.0
 
 
