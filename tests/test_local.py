@@ -169,6 +169,15 @@ def test_what_cannot_be_done_says_so(fresh_param_store):
     with pytest.raises(NotImplementedError, match="subsampled"):
         to_inference_data(guide, fixed_tau_model, data, 10, num_samples=3)
 
+    def two_subsampled_plates():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        for name in ("schools", "hospitals"):
+            with pyro.plate(name, 40, subsample_size=10):
+                pyro.sample(f"{name}_effect", dist.Normal(mu, 1.0))
+
+    with pytest.raises(NotImplementedError, match=r"several subsampled plates \(schools, hospitals\).*Subsample one of them"):
+        AutoFlow(two_subsampled_plates).setup()
+
 
 def test_a_local_prior_that_is_not_gaussian_is_fitted_mean_field_with_a_warning(fresh_param_store):
     def model(data):

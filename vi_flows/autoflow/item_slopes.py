@@ -27,9 +27,8 @@ def subsampled_plate(guide):
     posterior = getattr(guide, "locals", None)
     if posterior is None or not posterior.subsampled:
         return None
-    if len(posterior.subsampled) > 1:
-        raise NotImplementedError(f"the items' slopes of several subsampled plates ({', '.join(posterior.subsampled)})")
-    return next(iter(posterior.subsampled.items()))
+    ((plate, frame),) = posterior.subsampled.items()  # one at most (LocalPosterior)
+    return plate, frame
 
 
 def evidence_control_variate(guide, *args, **kwargs):

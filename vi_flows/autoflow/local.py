@@ -47,7 +47,7 @@ from ..flows.conditional import ConditionalFlow
 from ..registry import build_flow
 from .local_gaussian import PathDerivativeGaussian, gaussian_prior, item_gaussian
 from .pseudo_observations import Amortized, PerItem, check_given_features, full_size_value, plate_features
-from .sites import subsampled_plates
+from .sites import local_subsampled_plate
 
 class LocalPosterior(PyroModule):
     r"""The local sites' posteriors (see the module's docstring), their pseudo-observations from
@@ -79,8 +79,8 @@ class LocalPosterior(PyroModule):
         # Each latent site's number of batch dimensions, to put draws left of every plate.
         self.batch_dims = {name: site["value"].dim() - site["fn"].event_dim for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)}
         self.plate_depth = max((-frame.dim for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ())), default=0)
-        self.subsampled = subsampled_plates(trace)
         self.local_plates = {plate for plates in local.values() for plate in plates}
+        self.subsampled = local_subsampled_plate(trace, self.local_plates)
         if mode == "amortized":
             self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
             self.given_features = check_given_features(features or {}, trace, self.data_plates)
@@ -200,8 +200,6 @@ class LocalPosterior(PyroModule):
         leading size (the identity, or quantiles over the draws). A subsampled plate is run a
         subsample at a time, so memory follows the subsample, not the items."""
         shapes, subsampled = self._items_of_run(global_draws, *args, **kwargs)
-        if len(subsampled) > 1:
-            raise NotImplementedError(f"drawing every item of several subsampled plates ({', '.join(subsampled)}) at once")
         values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
             if not subsampled:
@@ -226,7 +224,7 @@ class LocalPosterior(PyroModule):
         first = {name: value[0] for name, value in global_draws.items()}
         with poutine.block(), poutine.trace() as probe, LocalSampler(None, first, {}, {}):
             self.model(*args, **kwargs)
-        return {name: full_size_value(probe.trace.nodes[name]).shape for name in self.names}, subsampled_plates(probe.trace)
+        return {name: full_size_value(probe.trace.nodes[name]).shape for name in self.names}, local_subsampled_plate(probe.trace, self.local_plates)
 
 
 class LocalSampler(Messenger):

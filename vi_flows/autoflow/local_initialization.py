@@ -111,9 +111,7 @@ def _subsamples(posterior, limit):
     if not posterior.subsampled:
         yield {}
         return
-    if len(posterior.subsampled) > 1:
-        raise NotImplementedError(f"starting the items of several subsampled plates ({', '.join(posterior.subsampled)})")
-    ((plate, frame),) = posterior.subsampled.items()
+    ((plate, frame),) = posterior.subsampled.items()  # one at most (LocalPosterior)
     order = torch.randperm(frame.full_size)
     chunks = range(0, frame.full_size, frame.size)
     for start in chunks if limit is None else chunks[:limit]:

@@ -55,6 +55,19 @@ def subsampled_plates(trace):
     }
 
 
+def local_subsampled_plate(trace, local_plates):
+    """``{plate name: frame}`` of the one plate among ``local_plates`` that ``trace`` subsamples (empty
+    where none does); raises ``NotImplementedError`` where several do."""
+    subsampled = {name: frame for name, frame in subsampled_plates(trace).items() if name in local_plates}
+    if len(subsampled) > 1:
+        raise NotImplementedError(
+            f"local latents in several subsampled plates ({', '.join(subsampled)}): AutoFlow starts, steps and draws "
+            "the items of one subsampled plate. Subsample one of them (subsample_size=None for the others), or fit "
+            "this model with Pyro's AutoNormal(model, create_plates=...)."
+        )
+    return subsampled
+
+
 def _sample_sites(trace):
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]
 
