@@ -272,9 +272,9 @@ def test_the_globals_start_at_their_laplace_approximation_with_the_locals_integr
         assert abs(draws[name].double().std() / sd - 1) < 0.1, name
 
 
-def _global_draws(guide, data):
+def _global_draws(guide, data, subsample_size=100):
     with torch.no_grad(), pyro.plate("draws", 20_000, dim=-3):
-        trace = poutine.trace(guide).get_trace(data, 100)
+        trace = poutine.trace(guide).get_trace(data, subsample_size)
     return {name: trace.nodes[name]["value"].reshape(-1) for name in ("mu", "tau")}
 
 
