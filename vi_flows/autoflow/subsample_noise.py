@@ -5,13 +5,14 @@ times the subsample's: its noise grows as :math:`\sqrt{N / B}`, while the poster
 :math:`1 / \sqrt{N}`. Measured in the posterior's sd, the noise of one step's slope in a global
 coordinate is about :math:`\sqrt{N / B}` times a model constant, and Adam's iterates under it
 wander and settle with their scales too small: on ``benchmarks/local_scale.py``'s hierarchy (B = 256)
-the noise is 7, 12, 21 and 68 at N = 10^4, 3 x 10^4, 10^5 and 10^6, and the default fit's globals
-ended up to 0.16, 0.34, 0.72 and 1.24 posterior sds off (two seeds; one at 10^5), tau's sd at 0.42
+the noise is 7, 12, 21 and 68 at N = 10^4, 3 x 10^4, 10^5 and 10^6, and fits without a control
+variate ended with their globals up to 0.16, 0.34, 0.72 and 1.24 posterior sds off, tau's sd at 0.42
 of exact on one seed at 10^6 (RESULTS.md, "Local latents at scale").
 
 With a control variate (:mod:`~vi_flows.control_variates`, ``fit``'s default) a step's noise is
 that of each item's slope less its row of the control variate's table, of the order of the draw's
-distance from the anchor: it is measured at a few of the guide's draws.
+distance from the anchor: it is measured at a few of the guide's draws (0.10-0.19 at the end of
+the same fits, whose globals then ended within 0.04 sd at 10^4 and 10^5).
 
 :func:`subsample_noise` reads it off a guide with local posteriors: the sd, over subsamples, of the
 slope of the collapsed log-likelihood (each item integrated out against its pseudo-observation,
