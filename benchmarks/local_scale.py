@@ -10,7 +10,8 @@ next to Pyro's ``AutoNormal`` with
 (``--groups``) subsampled on each seed, and reports its time, peak memory, the subsample's noise
 left (``FitResult.subsample_noise``) and the globals' posterior beside the exact one and (first seed,
 unless ``--no-mean-field``) a full-batch mean-field fit's; ``--no-control-variate`` fits without ``fit``'s
-control variate.
+control variate. ``known-tau [local] [seeds...]`` fits the model with tau known (0.5) and
+compares mu and 1000 random groups' theta with the closed-form posterior.
 """
 
 import argparse
@@ -28,7 +29,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from vi_flows import AutoFlow, fit, guide_moments
 from vi_flows.elbo_step import ELBOStep
-from vi_flows.models._hierarchical import equal_groups_moments
+from vi_flows.models._hierarchical import equal_groups_moments, known_tau_moments
 from vi_flows.pyro_internals import max_plate_nesting
 
 PER_GROUP, SUBSAMPLE = 5, 256
@@ -47,12 +48,13 @@ def exact_posterior(data):
     return {name: [mean.item(), sd.item()] for name, (mean, sd) in moments.items()}
 
 
-def make_model(num_groups, subsample_size=SUBSAMPLE, seed=0):
+def make_model(num_groups, subsample_size=SUBSAMPLE, seed=0, known_tau=None):
+    """The model on ``make_data``'s groups; with ``known_tau``, tau is that constant, not a latent."""
     data = make_data(num_groups, seed)
 
     def model():
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        tau = pyro.sample("tau", dist.HalfNormal(5.0))
+        tau = known_tau if known_tau is not None else pyro.sample("tau", dist.HalfNormal(5.0))
         with pyro.plate("groups", num_groups, subsample_size=subsample_size, dim=-1) as index:
             theta = pyro.sample("theta", dist.Normal(mu, tau))
             with pyro.plate("observations", PER_GROUP, dim=-2):
@@ -139,6 +141,27 @@ def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True, c
     return report
 
 
+def known_tau_at_scale(num_groups=10**5, local="auto", seed=0, num_items=1000, num_draws=10_000):
+    """Issue 19's exact check: with tau known (0.5, the data's), the default fit (on ``seed``) against
+    the closed-form posterior, in mu and in ``num_items`` random groups' theta: the worst error of a
+    mean in posterior sds and the worst sd ratio's distance from 1, from ``num_draws`` guide draws."""
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    model = make_model(num_groups, known_tau=0.5)
+    guide = AutoFlow(model, local=local)
+    result = fit(model, guide, seed=seed, progress=False)
+    moments = guide_moments(guide, num_draws, chunk_size=250)
+    exact = known_tau_moments(make_data(num_groups).mean(0), 1 / PER_GROUP, 5.0, 0.5)
+    items = torch.randperm(num_groups, generator=torch.Generator().manual_seed(seed))[:num_items]
+    report = {"local": local, "seed": seed, "seconds": result.seconds, "steps": result.num_steps, "subsample_noise": result.subsample_noise}
+    for name in ("mu", "theta"):
+        (mean, sd), (exact_mean, exact_sd) = moments[name], exact[name]
+        if name == "theta":
+            mean, sd, exact_mean = mean[items], sd[items], exact_mean[items]
+        report[name] = {"worst_error_in_sds": ((mean - exact_mean) / exact_sd).abs().max().item(), "worst_sd_ratio_error": (sd / exact_sd - 1).abs().max().item()}
+    return report
+
+
 def _in_process(what, kind, size):
     command = [sys.executable, __file__, "_one", what, kind, str(size)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -147,7 +170,7 @@ def _in_process(what, kind, size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["step", "fit", "all", "_one"])
+    parser.add_argument("what", choices=["step", "fit", "known-tau", "all", "_one"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--groups", type=int, default=10**5, help="fit: the number of groups N")
     parser.add_argument("--no-control-variate", action="store_true", help="fit: without fit's control variate")
@@ -158,8 +181,11 @@ def main(argv=None):
         return
     if args.what in ("step", "all"):
         step_table()
+    local, *seeds = args.rest or ["auto"]
+    if args.what == "known-tau":
+        for seed in seeds or ["0"]:
+            print(json.dumps(known_tau_at_scale(args.groups, local, int(seed))), flush=True)
     if args.what in ("fit", "all"):
-        local, *seeds = args.rest or ["auto"]
         control_variate = False if args.no_control_variate else "auto"
         for index, seed in enumerate(seeds or ["0"]):
             with_mean_field = index == 0 and not args.no_mean_field

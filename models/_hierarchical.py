@@ -64,3 +64,16 @@ def equal_groups_moments(group_means, noise_variance, mu_scale, tau_log_prior, g
         "tau": (tau_mean, (weight * (tau - tau_mean) ** 2).sum().sqrt()),
         "mu": (mu_total, (weight * (mu_variance + (mu_mean - mu_total) ** 2)).sum().sqrt()),
     }
+
+
+def known_tau_moments(group_means, noise_variance, mu_scale, tau):
+    """``{"mu": (mean, sd), "theta": (means, sds)}`` in float64 with ``tau`` known and every group mean of
+    the same noise variance: the posterior is Gaussian, in closed form, O(N)."""
+    group_means = group_means.double()
+    variance = tau**2 + noise_variance  # of a group mean given mu
+    mu_variance = torch.tensor(1 / (1 / mu_scale**2 + len(group_means) / variance), dtype=torch.float64)
+    mu_mean = mu_variance * group_means.sum() / variance
+    precision = 1 / tau**2 + 1 / noise_variance  # theta | mu, y
+    theta_mean = (mu_mean / tau**2 + group_means / noise_variance) / precision
+    theta_variance = 1 / precision + mu_variance / (tau**2 * precision) ** 2
+    return {"mu": (mu_mean, mu_variance.sqrt()), "theta": (theta_mean, theta_variance.sqrt())}

@@ -16,7 +16,7 @@ from vi_flows import AutoFlow, fit, guide_moments, log_density_at, sample_constr
 from vi_flows.averaging import IterateAverage
 from vi_flows.diagnostics import moment_errors, worst_moment_errors
 from vi_flows.models import reference_moments
-from vi_flows.models._hierarchical import equal_groups_moments
+from vi_flows.models._hierarchical import equal_groups_moments, known_tau_moments
 from vi_flows.autoflow.sites import local_sites
 
 TAU, PER_GROUP = 0.5, 5
@@ -39,14 +39,7 @@ def fixed_tau_model(data, subsample_size=None):
 
 def closed_form(data):
     """``{site: (mean, sd)}`` of the fixed-tau model's posterior, in float64."""
-    group_means, num_groups = data.double().mean(-1), len(data)
-    marginal_variance = TAU**2 + 1 / PER_GROUP  # of a group mean given mu
-    mu_variance = torch.tensor(1 / (1 / 25 + num_groups / marginal_variance), dtype=torch.float64)
-    mu_mean = mu_variance * (group_means / marginal_variance).sum()
-    precision = 1 / TAU**2 + PER_GROUP  # theta | mu, y
-    theta_mean = (mu_mean / TAU**2 + PER_GROUP * group_means) / precision
-    theta_variance = 1 / precision + mu_variance / (TAU**2 * precision) ** 2
-    return {"mu": (mu_mean, mu_variance.sqrt()), "theta": (theta_mean, theta_variance.sqrt())}
+    return known_tau_moments(data.mean(-1), 1 / PER_GROUP, 5.0, TAU)
 
 
 def test_local_sites_are_the_latents_of_plates_with_data_or_subsampled():
