@@ -15,11 +15,10 @@ pass with a weight per item, then one more per coordinate, differentiating in th
 import functools
 
 import torch
-from pyro import poutine
 
 from .. import pyro_internals
 from ..control_variates import LinearControlVariate
-from .local_initialization import _subsamples, constrained_values
+from .local_initialization import evidence_terms, fixed_subsamples
 
 
 def subsampled_plate(guide):
@@ -49,9 +48,9 @@ def item_slopes(guide, latent, indices, *args, **kwargs):
     point = latent.detach().clone().requires_grad_()
     with torch.enable_grad():
         evidence = item_evidence(guide, point, indices, *args, **kwargs)
-        weights = torch.ones_like(evidence, requires_grad=True)
         if not evidence.requires_grad:  # no item's evidence follows the globals
             return evidence.new_zeros(evidence.shape + point.shape)
+        weights = torch.ones_like(evidence, requires_grad=True)
         (weighted,) = torch.autograd.grad(evidence, point, grad_outputs=weights, create_graph=True)
         columns = [_derivative(coordinate, weights) for coordinate in weighted.unbind()]
     return torch.stack(columns, -1).detach()
@@ -61,25 +60,18 @@ def all_item_slopes(guide, latent, *args, **kwargs):
     """``(N, D)``: :func:`item_slopes` of every item of the subsampled plate, a subsample at a time."""
     plate, frame = subsampled_plate(guide)
     slopes = latent.new_zeros(frame.full_size, latent.numel())
-    with torch.random.fork_rng():  # the same chunks on every rank of a data-parallel fit
-        torch.manual_seed(0)
-        subsamples = list(_subsamples(guide.locals, None))
-    for indices in subsamples:
+    for indices in fixed_subsamples(guide.locals, None):
         slopes[indices[plate]] = item_slopes(guide, latent, indices, *args, **kwargs)
     return slopes
 
 
 def item_evidence(guide, latent, indices, *args, **kwargs):
     """``(B,)``: each item's collapsed evidence at ``latent`` (summed over its sites and coordinates)."""
-    posterior = guide.locals
     plate, frame = subsampled_plate(guide)
-    global_values, _ = constrained_values(guide, latent)
-    terms = {}
-    with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used
-        posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+    terms, _, _ = evidence_terms(guide, latent, indices, *args, **kwargs)
     total = latent.new_zeros(len(indices[plate]))
     for name, value in terms.items():
-        dim = frame.dim - posterior.event_dims[name]
+        dim = frame.dim - guide.locals.event_dims[name]
         total = total + value.movedim(dim, 0).reshape(value.shape[dim], -1).sum(-1)
     return total
 

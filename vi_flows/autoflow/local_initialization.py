@@ -68,9 +68,7 @@ def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, with_glob
     """:func:`collapsed_log_joint` as a list of functions of ``latent``, one per subsample (the first
     also carries the globals' own terms, unless ``with_globals`` is false), the same subsamples at every call."""
     posterior = guide.locals
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        subsamples = list(_subsamples(posterior, max_subsamples))
+    subsamples = fixed_subsamples(posterior, max_subsamples)
     scale = 1.0
     if posterior.subsampled:
         ((plate, frame),) = posterior.subsampled.items()
@@ -78,12 +76,21 @@ def collapsed_terms(guide, *args, max_subsamples=COLLAPSED_SUBSAMPLES, with_glob
     return [functools.partial(_collapsed_term, guide, indices, scale, with_globals and index == 0, args, kwargs) for index, indices in enumerate(subsamples)]
 
 
-def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
-    posterior = guide.locals
+def evidence_terms(guide, latent, indices, *args, **kwargs):
+    """``(terms, trace, log_jacobian)`` of one run of the model at the packed unconstrained globals
+    ``latent`` on the subsample ``indices``: each local site's evidence per coordinate
+    (:meth:`~vi_flows.autoflow.local.LocalPosterior.evidence`), the run's trace, and the log-Jacobian
+    of the globals' maps to their supports."""
     global_values, log_jacobian = constrained_values(guide, latent)
     terms = {}
     with torch.random.fork_rng(), poutine.block():  # the locals' draws are not used: no trace of them
-        trace = posterior._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+        trace = guide.locals._run(global_values, {}, indices, *args, evidence=terms, **kwargs)
+    return terms, trace, log_jacobian
+
+
+def _collapsed_term(guide, indices, scale, with_globals, args, kwargs, latent):
+    posterior = guide.locals
+    terms, trace, log_jacobian = evidence_terms(guide, latent, indices, *args, **kwargs)
     evidence = scale * sum((term.sum() for term in terms.values()), latent.new_zeros(()))  # a tensor even where no prior is Gaussian
     if not with_globals:
         return evidence
@@ -103,6 +110,13 @@ def constrained_values(guide, latent):
 
 def _in_local_plates(posterior, site):
     return any(frame.name in posterior.local_plates for frame in site["cond_indep_stack"])
+
+
+def fixed_subsamples(posterior, limit):
+    """:func:`_subsamples` as a list, the same at every call (and on every rank of a data-parallel fit)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return list(_subsamples(posterior, limit))
 
 
 def _subsamples(posterior, limit):

@@ -23,7 +23,7 @@ control variate's rows where given, times the globals' posterior sd.
 import torch
 
 from .item_slopes import item_slopes, subsampled_plate
-from .local_initialization import _subsamples
+from .local_initialization import fixed_subsamples
 
 NUM_SUBSAMPLES = 32
 NUM_POINTS = 4
@@ -37,9 +37,7 @@ def subsample_noise(guide, *args, control_variate=None, num_subsamples=NUM_SUBSA
     with torch.no_grad(), torch.random.fork_rng():
         draws = guide.get_posterior(*args, **kwargs).sample((num_draws,))
     plate, frame = subsampled_plate(guide)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        subsamples = list(_subsamples(guide.locals, num_subsamples))
+    subsamples = fixed_subsamples(guide.locals, num_subsamples)
     variances = []
     for point in draws[:NUM_POINTS]:
         estimates = []
