@@ -76,6 +76,19 @@ def _gradients(guide, particles, data, subsample_size, control_variate, count):
     return torch.stack(gradients)
 
 
+def test_where_the_slopes_fail_auto_steps_without_it_and_says_why(fresh_param_store, monkeypatch):
+    def fails(self):
+        raise RuntimeError("derivative for some_op is not implemented")
+
+    monkeypatch.setattr(LinearControlVariate, "refresh", fails)
+    data = grouped_data(100)
+    with pytest.warns(UserWarning, match=r"without the control variate.*some_op is not implemented"):
+        step = ELBOStep(latent_tau_model, AutoFlow(latent_tau_model, local="per-item"), data, 10, num_particles=4, max_plate_nesting=2)
+    assert step.control_variate is None and math.isfinite(step(1e-3))
+    with pytest.raises(RuntimeError, match="some_op"):
+        ELBOStep(latent_tau_model, AutoFlow(latent_tau_model, local="per-item", name="forced"), data, 10, num_particles=4, max_plate_nesting=2, control_variate=True)
+
+
 def test_control_variate_true_says_where_there_is_none(fresh_param_store):
     data = grouped_data(100)
     guide = AutoFlow(latent_tau_model, local="per-item")

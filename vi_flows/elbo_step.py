@@ -14,6 +14,7 @@ from .compiled_elbo import CompileError, first_score_function_site, is_subsample
 from .compiled_step import CompiledAdamStep
 from .data_parallel import DataParallel
 from .item_steps import lazy_adam_step
+from .messages import first_line
 from .particles import choose
 from .pyro_internals import trained_parameters
 from .subsampling import FastSubsamples
@@ -168,8 +169,15 @@ def _control_variate(guide, wanted, possible, args, kwargs):
             "control_variate=True needs a subsampled plate of local latents, reparameterised, and a guide that offers "
             "a control variate for it (AutoFlow with local posteriors); pass control_variate='auto' or False."
         )
-    if control_variate is not None:
+    if control_variate is None:
+        return None
+    try:
         control_variate.refresh()
+    except (RuntimeError, NotImplementedError) as failure:  # the items' slopes need second derivatives
+        if wanted is True:
+            raise
+        warnings.warn(f"fit steps without the control variate for the subsample's noise: its items' slopes failed ({first_line(failure)})")
+        return None
     return control_variate
 
 
