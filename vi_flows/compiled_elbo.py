@@ -6,6 +6,8 @@ loss once into a graph of tensor operations (``make_fx``) removes the first; com
 with the rest of the step (:mod:`vi_flows.compiled_step`) removes the second.
 """
 
+import contextlib
+
 import pyro
 import torch
 from pyro import poutine
@@ -60,12 +62,12 @@ def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, co
     each draw's log joint a term of expectation zero over the subsamples that cancels most of the
     subsample's noise in the globals' gradient.
     """
-    if control_variate is None:
+    reads = control_variate.reads() if control_variate is not None else contextlib.nullcontext()
+    with reads:
         log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
-        return (log_q - log_p).mean()
-    with control_variate.reads() as reads:
-        log_q, log_p = log_densities(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, **kwargs)
-    return (log_q - log_p - reads.terms()).mean()
+    if control_variate is not None:
+        log_p = log_p + reads.terms()
+    return (log_q - log_p).mean()
 
 
 def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, control_variate=None, item_tables=(), **kwargs):
