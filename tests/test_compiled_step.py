@@ -85,7 +85,7 @@ def _eager_and_one_graph_runs(step, graph, reduce=None):
         with torch.no_grad():
             torch._foreach_copy_(step.params, start)
         step.optimizer.state.clear()
-        step.refresh_control_variate()  # anchored at the start, in both runs
+        step.refresh()  # anchored at the start, in both runs
         take = step
         if one_graph:
             take = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None, reduce=reduce)
@@ -94,7 +94,7 @@ def _eager_and_one_graph_runs(step, graph, reduce=None):
             pyro.set_rng_seed(10 + index)
             losses.append(take(1e-2))
             if index == 0:  # re-anchored in place: the graph reads the new anchor and slopes
-                step.refresh_control_variate()
+                step.refresh()
         runs.append((losses, *_snapshot(step)))
     return start, runs
 

@@ -8,7 +8,7 @@ import pyro
 import pytest
 
 from vi_flows import AutoFlow, fit
-from vi_flows.fitting import MAX_SUBSAMPLE_NOISE
+from vi_flows.subsample_checks import MAX_SUBSAMPLE_NOISE
 
 from test_local import PER_GROUP, TAU, closed_form, fixed_tau_model, grouped_data
 

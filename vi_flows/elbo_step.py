@@ -31,7 +31,9 @@ class ELBOStep:
     tables (``guide.item_tables()``, :mod:`~vi_flows.item_steps`). A large plate's subsample is
     drawn in O(B) (:mod:`~vi_flows.subsampling`), and with ``control_variate`` (``True``, ``False`` or
     ``"auto"``: where the guide offers one) the subsample's noise in the globals' gradient is mostly
-    cancelled (:mod:`~vi_flows.control_variates`; :meth:`refresh_control_variate` re-anchors it).
+    cancelled (:mod:`~vi_flows.control_variates`). With ``refit_items``, :meth:`refresh` refits every
+    item's rows of a subsampled plate where the guide can (``guide.refit_items``,
+    :mod:`~vi_flows.autoflow.item_refit`): its steps visit an item N / B times fewer than the globals.
 
     ``threads`` is how many intra-op threads its steps should run on (``num_threads``; "auto" times
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
@@ -54,6 +56,7 @@ class ELBOStep:
         threads=None,
         data_parallel=False,
         control_variate="auto",
+        refit_items=True,
         **kwargs,
     ):
         if sticking_the_landing not in (True, False, "auto"):
@@ -84,6 +87,8 @@ class ELBOStep:
         # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
         self.control_variate = _control_variate(user_guide, control_variate, possible, args, kwargs)
+        refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None
+        self._refit_items = functools.partial(refit, *args, **kwargs) if refit is not None else None
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
@@ -134,8 +139,14 @@ class ELBOStep:
             param.grad = None
         return num_threads
 
-    def refresh_control_variate(self):
-        """Re-anchor the control variate, where the step has one, at the guide's posterior mean (O(N))."""
+    def refresh(self):
+        """Between runs of steps (O(N)): refit the items' rows where the step does, forgetting their
+        momentum, then re-anchor the control variate, where the step has one, at the guide's posterior mean."""
+        if self._refit_items is not None and self._refit_items() is not None:
+            for table in self.tables:
+                state = self.optimizer.state.get(table)
+                if state:  # the rows' old direction, which the refit has already taken
+                    state["exp_avg"].zero_()
         if self.control_variate is not None:
             self.control_variate.refresh()
 

@@ -16,8 +16,8 @@ from .averaging import IterateAverage
 from .data_parallel import process_group, rank, requested as data_parallel_requested
 from .elbo_step import ELBOStep
 from .guard import DivergenceGuard
-from .messages import first_line
 from .schedule import LearningRate, PlateauRule
+from .subsample_checks import check_item_shift, check_subsample_noise
 from .threads import intra_op_threads
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: a compiled step
@@ -26,11 +26,6 @@ from .threads import intra_op_threads
 # about a minute with an empty one (RESULTS.md, "Time to a good posterior"), so such a run repays it
 # when the cache is warm.
 COMPILE_MIN_STEPS = 2000
-# A subsampled fit warns where a step's slope is noisier than this many posterior sds in some global
-# (vi_flows.autoflow.subsample_noise). Measured on benchmarks/local_scale.py's hierarchy, fits of two
-# seeds without the control variate (RESULTS.md): at a noise of 7 the globals ended 0.03-0.16 sds off,
-# at 12 0.13-0.34, at 68 up to 1.24, with tau's sd at 0.42 of exact.
-MAX_SUBSAMPLE_NOISE = 10.0
 
 
 class FittingError(RuntimeError):
@@ -51,8 +46,9 @@ class FitResult:
     included), why it stopped, whether its steps ran compiled, how long compiling took and, where
     it was tried and failed, why, each rollback after the loss diverged (what was seen, what was
     restored), how many intra-op threads the steps ran on, over how many steps the result is
-    averaged, and on a subsampled plate the largest noise of a step's slope in the globals, in
-    posterior sds. ``(seconds - compile_seconds) / num_steps`` is the time per step."""
+    averaged, and on a subsampled plate the largest noise of a step's slope in the globals and the
+    largest shift of a global were every item's rows refitted, both in posterior sds.
+    ``(seconds - compile_seconds) / num_steps`` is the time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -65,6 +61,7 @@ class FitResult:
     num_threads: int = 0
     averaged_steps: int = 0
     subsample_noise: float = 0.0
+    item_shift: float = 0.0
 
 
 def fit(
@@ -90,6 +87,7 @@ def fit(
     threads: int | str = "auto",
     data_parallel: bool | str = "auto",
     control_variate: bool | str = "auto",
+    refit_items: bool = True,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model(*args, **kwargs)`` by SVI with vectorised ``Trace_ELBO`` particles.
@@ -139,7 +137,11 @@ def fit(
     :mod:`~vi_flows.autoflow.subsample_noise`), and a warning where it exceeds ``MAX_SUBSAMPLE_NOISE``.
     ``control_variate`` (``True``, ``False`` or ``"auto"``: where the guide offers one) cancels most of
     that noise (:mod:`~vi_flows.control_variates`), re-anchored at every plateau (every ``window``
-    steps with ``num_steps``).
+    steps with ``num_steps``). There too, with ``refit_items``, every item's rows are refitted to their
+    optimum given the globals where the guide can (:mod:`~vi_flows.autoflow.item_refit`: per-item
+    Gaussian local posteriors): the steps visit an item N / B times fewer than the globals. At the end,
+    the result's ``item_shift`` says how far a refit would move the globals, with a warning above
+    ``MAX_ITEM_SHIFT`` (:mod:`~vi_flows.subsample_checks`).
 
     Fitting keeps the parameters (and optimiser state) of the best ``rollback_block`` steps so far,
     by median loss (:class:`~vi_flows.guard.DivergenceGuard`). If the loss diverges, a block's median
@@ -175,7 +177,7 @@ def fit(
         nesting = max_plate_nesting(model, guide, *args, **kwargs)
         if parallel:
             ranks.enter_context(process_group(_device(guide)))
-        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads, control_variate=control_variate)
+        options = dict(compile=compile, clip_norm=clip_norm, sticking_the_landing=sticking_the_landing, threads=threads, control_variate=control_variate, refit_items=refit_items)
         step_once = ELBOStep(model, guide, *args, num_particles=num_particles, max_plate_nesting=nesting, data_parallel=parallel, **options, **kwargs)
         if parallel and seed is not None:
             pyro.set_rng_seed(seed + rank())  # the ranks' own draws, from rank 0's start
@@ -196,7 +198,8 @@ def fit(
             step_once.parallel.gather_tables(step_once.optimizer)
         if step_once.subsampled:
             world_size = step_once.parallel.world_size if parallel else 1
-            result.subsample_noise = _check_subsample_noise(guide, step_once.control_variate, world_size, *args, **kwargs)
+            result.subsample_noise = check_subsample_noise(guide, step_once.control_variate, world_size, *args, **kwargs)
+            result.item_shift = check_item_shift(guide, *args, **kwargs)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
@@ -205,28 +208,6 @@ def fit(
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
-
-
-def _check_subsample_noise(guide, control_variate, world_size, *args, **kwargs):
-    """The largest noise of a step's slope in a global, in posterior sds, of a guide that measures it
-    (``subsample_noise``, with the step's ``control_variate``; the ranks' mean of ``world_size``),
-    with a warning above ``MAX_SUBSAMPLE_NOISE``."""
-    measure = getattr(guide, "subsample_noise", None)
-    try:
-        noise = measure(*args, control_variate=control_variate, **kwargs) if measure is not None else {}
-    except (NotImplementedError, RuntimeError, ValueError) as failure:  # a diagnostic: the fit stands
-        warnings.warn(f"fit could not measure the subsample's noise in the globals ({first_line(failure)})")
-        return math.nan
-    if not noise:
-        return 0.0
-    site, worst = max(((name, value.max().item() / math.sqrt(world_size)) for name, value in noise.items()), key=lambda pair: pair[1])
-    if worst > MAX_SUBSAMPLE_NOISE and rank() == 0:  # data-parallel, every rank measures the same
-        warnings.warn(
-            f"each step's subsample moves the slope in {site!r} by about {worst:.0f} of its posterior sds (the noise grows "
-            f"as sqrt(items / subsample size)); above {MAX_SUBSAMPLE_NOISE:.0f} the fitted globals can be off by tenths of "
-            "a posterior sd or more, their sds too small. Fit with a larger subsample_size, or check against a full-batch fit."
-        )
-    return worst
 
 
 def _device(guide):
@@ -242,7 +223,7 @@ def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_ro
     the last plateau but one."""
     for step in range(budget):
         if plateaus is None and step and window and step % window == 0:
-            step_once.refresh_control_variate()
+            step_once.refresh()
         # Validation off, as in the compiled graph: NaN parameters then give a NaN loss, not an error.
         with pyro.validation_enabled(False):
             loss_value = step_once(learning_rate(step))
@@ -260,7 +241,7 @@ def _run(step_once, budget, learning_rate, plateaus, num_plateaus, guard, max_ro
             learning_rate.cut()
             if plateaus.count == num_plateaus:
                 return f"converged: {num_plateaus} plateaus of {plateaus.window} steps"
-            step_once.refresh_control_variate()
+            step_once.refresh()
         if average is not None and plateaus.count == num_plateaus - 1 and divergence is None:
             average.update()
     return ""

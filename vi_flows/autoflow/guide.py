@@ -21,12 +21,11 @@ from ..registry import build_flow, check_flow_options
 from .base import BASES
 from .initialization import INITS, InitWithFallback, start
 from .local import LocalPosterior
-from .item_slopes import evidence_control_variate, subsampled_plate
 from .local_initialization import start_locals
 from .noncentring import non_centring_of
 from .posterior import FlowPosterior, path_derivative
 from .sites import check_latent_sites, local_sites, subsampled_plates
-from .subsample_noise import subsample_noise
+from .subsampled_fit import SubsampledFitting
 
 # Chosen by measurement with the default fit on the zoo's exact models (RESULTS.md, "Choosing a flow"):
 # planar layers keep both modes of a mixture, the IAF layers fit the funnel's neck; four of them
@@ -39,7 +38,7 @@ LOCAL_MODES = ("auto", "per-item", "amortized", "none")
 LOCAL_MIN_DIM = 200
 
 
-class AutoFlow(AutoContinuous):
+class AutoFlow(SubsampledFitting, AutoContinuous):
     r"""A normalizing-flow posterior over all continuous latents of a Pyro model.
 
     Latents are packed into one unconstrained vector by Pyro's ``AutoContinuous``; the guide is
@@ -225,24 +224,6 @@ class AutoFlow(AutoContinuous):
         """The local posteriors' per-item tables, which ``fit`` steps lazily (:mod:`~vi_flows.item_steps`)."""
         tables = getattr(getattr(self.locals, "pseudo_observations", None), "tables", None)
         return tables() if tables is not None else []
-
-    def subsample_noise(self, *args, control_variate=None, **kwargs):
-        """``{global site: noise per unconstrained coordinate}``: the sd of one step's slope on a
-        subsample, in posterior sds, with ``control_variate`` where given (``fit``'s, see
-        :meth:`control_variate`; :mod:`~vi_flows.autoflow.subsample_noise`); empty where no local
-        posterior's plate is subsampled."""
-        self.setup(*args, **kwargs)
-        if subsampled_plate(self) is None or not self.latent_dim:
-            return {}
-        noise = subsample_noise(self, *args, control_variate=control_variate, **kwargs)
-        return {site["name"]: value for site, value in pyro_internals.unpack_latent(self, noise)}
-
-    def control_variate(self, *args, **kwargs):
-        """A :class:`~vi_flows.control_variates.LinearControlVariate` (not yet anchored) for the
-        subsample's noise in the globals, from each item's slope of its collapsed evidence
-        (:mod:`~vi_flows.autoflow.item_slopes`); None where no local posterior's plate is subsampled."""
-        self.setup(*args, **kwargs)
-        return evidence_control_variate(self, *args, **kwargs) if self.latent_dim else None
 
     def recentre(self, centre, preconditioner, *args, **kwargs):
         """Start from ``centre`` with the lower-triangular ``preconditioner`` and :math:`\\sigma = 1`

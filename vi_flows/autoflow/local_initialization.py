@@ -11,10 +11,12 @@ subsampled item's turn to move it. Curvatures are the diagonal of each item's He
 Hessian-vector product per coordinate of an item reading it in every item at once.
 """
 
+import contextlib
 import functools
 import itertools
 from operator import attrgetter
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -192,9 +194,10 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
     return locs, precisions, trace, indices
 
 
-def _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs):
+def _derivatives(posterior, global_values, unconstrained, probes, indices, *args, num_draws=None, **kwargs):
     """Gradient and diagonal curvature of the model's unscaled log joint in each local coordinate;
-    ``probes[site]`` are :func:`_item_coordinate_probes`, one Hessian-vector product each."""
+    ``probes[site]`` are :func:`_item_coordinate_probes`, one Hessian-vector product each. With
+    ``num_draws``, the globals' and locals' values carry that many draws left of the model's plates."""
     with torch.enable_grad():
         leaves = {name: value.clone().requires_grad_() for name, value in unconstrained.items()}
         constrained, log_jacobian = {}, 0.0
@@ -202,7 +205,7 @@ def _derivatives(posterior, global_values, unconstrained, probes, indices, *args
             transform = biject_to(posterior.supports[name])
             constrained[name] = transform(leaf)
             log_jacobian = log_jacobian + transform.log_abs_det_jacobian(leaf, constrained[name]).sum()
-        with poutine.block(), poutine.trace() as capture, LocalSampler(None, global_values, constrained, indices):
+        with poutine.block(), draws_plate(posterior, num_draws), poutine.trace() as capture, LocalSampler(None, global_values, constrained, indices):
             posterior.model(*args, **kwargs)
         total = log_jacobian + sum(_unscaled_log_prob(site) for site in capture.trace.nodes.values() if _counts(site))
         gradients = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), create_graph=True)))
@@ -214,6 +217,12 @@ def _derivatives(posterior, global_values, unconstrained, probes, indices, *args
                 if column is not None:
                     curvature[name] += probe * column.detach()
     return {name: g.detach() for name, g in gradients.items()}, curvature, capture.trace
+
+
+def draws_plate(posterior, num_draws):
+    """A plate of ``num_draws`` draws left of the model's plates (inside ``poutine.block``, which
+    would hide the model's sites from it); nothing for None."""
+    return contextlib.nullcontext() if num_draws is None else pyro.plate("_draws", num_draws, dim=-posterior.plate_depth - 1)
 
 
 def _item_coordinate_probes(site, unconstrained):
