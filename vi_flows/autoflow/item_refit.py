@@ -50,14 +50,13 @@ TOLERANCE = 1e-3
 
 @dataclass
 class Refit:
-    """What :func:`refit_items` did: how far the rows moved, the largest and the mean over items,
-    in the item's posterior sds (``loc``) and in log precision, and how many items' rows it refitted."""
+    """What :func:`refit_items` did: how far the rows moved, the largest and the mean over the items'
+    coordinates, in the item's posterior sds (``loc``) and in log precision."""
 
     largest_loc: float = 0.0
     mean_loc: float = 0.0
     largest_log_precision: float = 0.0
     mean_log_precision: float = 0.0
-    items: int = 0
 
 
 def refittable(guide):
@@ -86,16 +85,16 @@ def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
     global_values = {}
     if latent is not None:
         values, _ = constrained_values(guide, latent)
-        global_values = {name: posterior._left_of_plates(name, value) for name, value in values.items()}
+        global_values = {name: posterior.left_of_plates(name, value) for name, value in values.items()}
     moves = []
     for indices in fixed_subsamples(posterior, None):
-        moved = _refit_subsample(posterior, global_values, max(global_draws, 1) if latent is not None else 1, indices, args, kwargs)
+        moved = _refit_subsample(posterior, global_values, global_draws if latent is not None else 1, indices, args, kwargs)
         if moved is None:
             return None
         moves.append(moved)
     loc = torch.cat([move[0] for move in moves])
     log_precision = torch.cat([move[1] for move in moves])
-    return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item(), len(loc))
+    return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
 
 
 

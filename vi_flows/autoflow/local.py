@@ -180,14 +180,14 @@ class LocalPosterior(PyroModule):
                 f"{', '.join(subsampled)}; score a model without subsampling (the same guide reads it)"
             )
         num_draws = len(local_draws[self.names[0]])
-        global_values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
-        local_values = {name: self._left_of_plates(name, local_draws[name]) for name in self.names}
+        global_values = {name: self.left_of_plates(name, value) for name, value in global_draws.items()}
+        local_values = {name: self.left_of_plates(name, local_draws[name]) for name in self.names}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
             trace = self._run(global_values, local_values, {}, *args, **kwargs)
         sites = [trace.nodes[name] for name in self.names]
         return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites)
 
-    def _left_of_plates(self, name, draws):
+    def left_of_plates(self, name, draws):
         """Draws ``(S, *site_shape)`` of a site with their draw dimension left of every plate of the model."""
         return draws.reshape(draws.shape[:1] + (1,) * (self.plate_depth - self.batch_dims[name]) + draws.shape[1:])
 
@@ -200,7 +200,7 @@ class LocalPosterior(PyroModule):
         leading size (the identity, or quantiles over the draws). A subsampled plate is run a
         subsample at a time, so memory follows the subsample, not the items."""
         shapes, subsampled = self._items_of_run(global_draws, *args, **kwargs)
-        values = {name: self._left_of_plates(name, value) for name, value in global_draws.items()}
+        values = {name: self.left_of_plates(name, value) for name, value in global_draws.items()}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
             if not subsampled:
                 return {name: reduce(name, value.reshape((num_draws,) + shapes[name])) for name, value in self(values, *args, **kwargs).items()}
