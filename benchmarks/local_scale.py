@@ -10,7 +10,7 @@ next to Pyro's ``AutoNormal`` with
 (``--groups``) subsampled on each seed, and reports its time, peak memory, the subsample's noise
 left (``FitResult.subsample_noise``) and the globals' posterior beside the exact one and (first seed,
 unless ``--no-mean-field``) a full-batch mean-field fit's; ``--no-control-variate`` fits without ``fit``'s
-control variate. ``known-tau [local] [seeds...]`` fits the model with tau known (0.5) and
+control variate, ``--no-refit`` without its refits of the items' rows. ``known-tau [local] [seeds...]`` fits the model with tau known (0.5) and
 compares mu and 1000 random groups' theta with the closed-form posterior.
 """
 
@@ -103,13 +103,13 @@ def step_table(sizes=(10**3, 10**4, 10**5, 10**6), kinds=("AutoNormal", "AutoFlo
         print(f"{size:>9} {cells} {ratios}", flush=True)
 
 
-def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True, control_variate="auto"):
+def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True, control_variate="auto", refit_items=True):
     """The default fit (on ``seed``), subsampled, against a full-batch mean-field fit of the same model."""
     torch.set_num_threads(1)
     pyro.clear_param_store()
     model = make_model(num_groups)
     guide = AutoFlow(model, local=local)
-    result = fit(model, guide, seed=seed, progress=False, control_variate=control_variate)
+    result = fit(model, guide, seed=seed, progress=False, control_variate=control_variate, refit_items=refit_items)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     moments = guide_moments(guide, 4000, chunk_size=100)  # draws x items at a time
     report = {
@@ -121,6 +121,7 @@ def fit_at_scale(num_groups=10**5, local="auto", seed=0, with_mean_field=True, c
         "steps": result.num_steps,
         "stop": result.stop_reason,
         "subsample_noise": result.subsample_noise,
+        "item_shift": result.item_shift,
         "tau": [moments["tau"][0].item(), moments["tau"][1].item()],
         "mu": [moments["mu"][0].item(), moments["mu"][1].item()],
         "peak_mb": peak_mb,
@@ -174,6 +175,7 @@ def main(argv=None):
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--groups", type=int, default=10**5, help="fit: the number of groups N")
     parser.add_argument("--no-control-variate", action="store_true", help="fit: without fit's control variate")
+    parser.add_argument("--no-refit", action="store_true", help="fit: without fit's refits of the items' rows")
     parser.add_argument("--no-mean-field", action="store_true", help="fit: without the full-batch mean-field fit")
     args = parser.parse_args(argv)
     if args.what == "_one":
@@ -189,7 +191,7 @@ def main(argv=None):
         control_variate = False if args.no_control_variate else "auto"
         for index, seed in enumerate(seeds or ["0"]):
             with_mean_field = index == 0 and not args.no_mean_field
-            report = fit_at_scale(args.groups, local, int(seed), with_mean_field, control_variate)
+            report = fit_at_scale(args.groups, local, int(seed), with_mean_field, control_variate, not args.no_refit)
             print(json.dumps(report, indent=1), flush=True)
 
 
