@@ -37,7 +37,7 @@ from torch.distributions import biject_to
 
 from .local import LocalSampler
 from .local_gaussian import gaussian_prior, item_gaussian
-from .local_initialization import MIN_PRECISION_SHARE, _derivatives, _item_coordinate_probes, _write_rows, constrained_values, draws_plate, fixed_subsamples
+from .local_initialization import MIN_PRECISION_SHARE, constrained_values, draws_plate, fixed_subsamples, item_coordinate_probes, local_derivatives, write_rows
 from .pseudo_observations import PerItem
 
 # The globals' draws each item's optimum is averaged over (the same draws, from a fixed seed, for
@@ -86,9 +86,12 @@ def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
     if latent is not None:
         values, _ = constrained_values(guide, latent)
         global_values = {name: posterior.left_of_plates(name, value) for name, value in values.items()}
+    num_draws = global_draws if latent is not None else 1
+    subsamples = fixed_subsamples(posterior, None)
+    dim = _item_dimension(posterior, global_values, num_draws, subsamples[0], args, kwargs)
     moves = []
-    for indices in fixed_subsamples(posterior, None):
-        moved = _refit_subsample(posterior, global_values, global_draws if latent is not None else 1, indices, args, kwargs)
+    for indices in subsamples:
+        moved = _refit_subsample(posterior, global_values, num_draws, dim, indices, args, kwargs)
         if moved is None:
             return None
         moves.append(moved)
@@ -97,17 +100,16 @@ def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
     return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
 
 
-
-def _refit_subsample(posterior, global_values, num_draws, indices, args, kwargs):
+def _refit_subsample(posterior, global_values, num_draws, dim, indices, args, kwargs):
     """Iterate the fixed point for the items of one model run (the subsample ``indices``, or all);
     per coordinate, how far the rows moved (loc in item sds, log precision), or None where a local
     prior reads another local site."""
-    points = _Points(posterior, global_values, num_draws, indices, args, kwargs)
+    points = _Points(posterior, global_values, num_draws, dim, indices, args, kwargs)
     rows = {name: _rows(posterior, name, points.indices) for name in posterior.names}  # (a, log beta)
     start, step, last = dict(rows), 1.0, math.inf
     for _ in range(MAX_ITERATIONS):
         values = {name: points.values(name, *rows[name]) for name in posterior.names}
-        gradient, curvature, trace = _derivatives(posterior, points.globals, values, points.probes, points.indices, *args, num_draws=points.size, **kwargs)
+        gradient, curvature, trace = local_derivatives(posterior, points.globals, values, points.probes, points.indices, *args, num_draws=points.size, **kwargs)
         if any(tensor.requires_grad for name in posterior.names for tensor in gaussian_prior(trace.nodes[name]["fn"])):
             return None  # a chain of local sites: one's posterior follows another's draw
         moved = 0.0
@@ -120,21 +122,25 @@ def _refit_subsample(posterior, global_values, num_draws, indices, args, kwargs)
             break
         step, last = (step / 2 if moved > last else step), moved  # damped where it oscillates
     for name in posterior.names:
-        _write_rows(posterior, name, points.indices, rows[name][0], rows[name][1].exp())
+        write_rows(posterior, name, points.indices, rows[name][0], rows[name][1].exp())
     moves = [_moves(points, name, start[name], rows[name]) for name in posterior.names]
     return torch.cat([loc.flatten() for loc, _ in moves]), torch.cat([log_precision.flatten() for _, log_precision in moves])
 
 
+def _item_dimension(posterior, global_values, num_draws, indices, args, kwargs):
+    """How many coordinates an item has, over every local site."""
+    run = _run(posterior, global_values, num_draws, indices, args, kwargs)
+    return sum(len(item_coordinate_probes(run.nodes[name], _unconstrained(posterior, run, name))) for name in posterior.names)
+
+
 class _Points:
     """The model run at ``num_draws`` draws of the globals, each repeated at the quadrature's 2d + 1
-    points of the items' d coordinates (the centre, then plus and minus ``sqrt(d + kappa)`` item sds
-    along each coordinate in turn): the draws' ``globals``, the run's subsample ``indices``, each local
-    site's ``priors`` and coordinate ``probes`` (:func:`~vi_flows.autoflow.local_initialization._item_coordinate_probes`)."""
+    points of the items' ``dim`` = d coordinates (the centre, then plus and minus ``sqrt(d + kappa)``
+    item sds along each coordinate in turn): the draws' ``globals``, the run's subsample ``indices``,
+    each local site's ``priors`` and coordinate ``probes``
+    (:func:`~vi_flows.autoflow.local_initialization.item_coordinate_probes`)."""
 
-    def __init__(self, posterior, global_values, num_draws, indices, args, kwargs):
-        run = _run(posterior, global_values, num_draws, indices, args, kwargs)
-        counts = [len(_item_coordinate_probes(run.nodes[name], _unconstrained(posterior, run, name))) for name in posterior.names]
-        dim = sum(counts)
+    def __init__(self, posterior, global_values, num_draws, dim, indices, args, kwargs):
         kappa = max(3 - dim, 0)  # exact for degree 3, and for degree 5 along each coordinate where d <= 3
         self.weights = torch.tensor([kappa / (dim + kappa)] + [0.5 / (dim + kappa)] * (2 * dim), dtype=torch.float64)
         self.num_draws, self.num_points = num_draws, 2 * dim + 1
@@ -145,7 +151,7 @@ class _Points:
         self.priors, self.probes, self._offsets, coordinate = {}, {}, {}, 0
         for name in posterior.names:
             value = _unconstrained(posterior, run, name)
-            self.priors[name], self.probes[name] = run.nodes[name]["fn"], _item_coordinate_probes(run.nodes[name], value)
+            self.priors[name], self.probes[name] = run.nodes[name]["fn"], item_coordinate_probes(run.nodes[name], value)
             offset = self._by_point(torch.zeros_like(value))
             for probe in self.probes[name]:
                 for point, sign in ((1 + 2 * coordinate, 1.0), (2 + 2 * coordinate, -1.0)):

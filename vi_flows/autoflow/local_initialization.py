@@ -50,7 +50,7 @@ def start_locals(guide, *args, **kwargs):
         locs, precisions, trace, indices = likelihood_laplace(posterior, global_values, indices, *args, **kwargs)
         if per_item:
             for name in posterior.names:
-                _write_rows(posterior, name, indices, locs[name], precisions[name])
+                write_rows(posterior, name, indices, locs[name], precisions[name])
         else:
             rows.append((posterior.item_features(trace), locs, precisions))
     if rows:
@@ -134,7 +134,7 @@ def _subsamples(posterior, limit):
         yield {plate: order[torch.arange(start, start + frame.size) % frame.full_size]}
 
 
-def _write_rows(posterior, name, indices, loc, precision):
+def write_rows(posterior, name, indices, loc, precision):
     """Put one run's items' ``(a, beta)`` into their rows of the site's tables."""
     tables = posterior.pseudo_observations
     for table, value in ((attrgetter(name)(tables.locs), loc), (attrgetter(name)(tables.log_precisions), precision.log())):
@@ -172,14 +172,14 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
             posterior.model(*args, **kwargs)
     indices = {plate: first.trace.nodes[plate]["value"] for plate in posterior.subsampled}
     unconstrained = {name: biject_to(posterior.supports[name]).inv(first.trace.nodes[name]["value"]).detach() for name in posterior.names}
-    probes = {name: _item_coordinate_probes(first.trace.nodes[name], unconstrained[name]) for name in posterior.names}
+    probes = {name: item_coordinate_probes(first.trace.nodes[name], unconstrained[name]) for name in posterior.names}
     for _ in range(NEWTON_STEPS):
-        gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
+        gradient, curvature, trace = local_derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
         step = {name: torch.where(curvature[name] < 0, -gradient[name] / curvature[name], 0.1 * gradient[name]).clamp(-2.0, 2.0) for name in posterior.names}
         unconstrained = {name: (unconstrained[name] + step[name]).nan_to_num() for name in posterior.names}
         if max(value.abs().max().item() for value in step.values()) < 1e-4:
             break
-    gradient, curvature, trace = _derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
+    gradient, curvature, trace = local_derivatives(posterior, global_values, unconstrained, probes, indices, *args, **kwargs)
     locs, precisions = {}, {}
     for name in posterior.names:
         prior_loc, prior_scale = gaussian_prior(trace.nodes[name]["fn"]) or (torch.zeros(()), torch.full((), float("inf")))
@@ -194,9 +194,9 @@ def likelihood_laplace(posterior, global_values, indices, *args, **kwargs):
     return locs, precisions, trace, indices
 
 
-def _derivatives(posterior, global_values, unconstrained, probes, indices, *args, num_draws=None, **kwargs):
+def local_derivatives(posterior, global_values, unconstrained, probes, indices, *args, num_draws=None, **kwargs):
     """Gradient and diagonal curvature of the model's unscaled log joint in each local coordinate;
-    ``probes[site]`` are :func:`_item_coordinate_probes`, one Hessian-vector product each. With
+    ``probes[site]`` are :func:`item_coordinate_probes`, one Hessian-vector product each. With
     ``num_draws``, the globals' and locals' values carry that many draws left of the model's plates."""
     with torch.enable_grad():
         leaves = {name: value.clone().requires_grad_() for name, value in unconstrained.items()}
@@ -225,7 +225,7 @@ def draws_plate(posterior, num_draws):
     return contextlib.nullcontext() if num_draws is None else pyro.plate("_draws", num_draws, dim=-posterior.plate_depth - 1)
 
 
-def _item_coordinate_probes(site, unconstrained):
+def item_coordinate_probes(site, unconstrained):
     """0/1 tensors shaped like a local site's unconstrained value, one per coordinate of an item (its
     dimensions outside the site's plates), each one at that coordinate of every item: the items are
     independent given the globals, so one Hessian-vector product with a probe reads that coordinate's
