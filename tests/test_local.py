@@ -151,17 +151,38 @@ def test_log_density_at_is_the_guide_density_of_its_own_draws(fresh_param_store)
     assert idata.posterior["theta"].shape == (1, 10, 20)
 
 
+def test_densities_and_the_export_cover_every_item_of_a_subsampled_plate(fresh_param_store):
+    """25 groups in subsamples of 10 (the last run wraps around): the guide's density at given draws
+    is the unsubsampled model's, and the export's draws, densities and pointwise log-likelihoods are
+    those of the model without subsampling at the same draws."""
+    data = grouped_data(25)
+    guide = AutoFlow(fixed_tau_model, flow="planar", local="per-item").setup(data, 10)
+    with torch.no_grad():
+        guide.locals.pseudo_observations.locs.theta.add_(torch.randn(25))
+    draws = sample_constrained(guide, 7, data, 10)
+    assert torch.allclose(log_density_at(guide, draws, data, 10), log_density_at(guide, draws, data), rtol=1e-5)
+    idata = to_inference_data(guide, fixed_tau_model, data, 10, num_samples=6)
+    assert idata.posterior["theta"].shape == (1, 6, 25) and idata.posterior["theta"].dims[-1] == "groups"
+    draws = {name: torch.as_tensor(idata.posterior[name].values[0]) for name in ("mu", "theta")}
+    stats = idata.sample_stats
+    assert torch.allclose(torch.as_tensor(stats["log_q"].values[0]), log_density_at(guide, draws, data), rtol=1e-5)
+    conditioned = poutine.condition(fixed_tau_model, {"mu": draws["mu"].reshape(6, 1, 1), "theta": draws["theta"].reshape(6, 1, 25)})
+    with pyro.plate("draws", 6, dim=-3):
+        trace = poutine.trace(conditioned).get_trace(data)
+    trace.compute_log_prob()
+    log_p = sum(site["log_prob"].reshape(6, -1).sum(-1) for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site))
+    assert torch.allclose(torch.as_tensor(stats["log_p"].values[0]), log_p, rtol=1e-5)
+    pointwise = torch.as_tensor(idata.log_likelihood["y"].values[0])
+    assert torch.allclose(pointwise, trace.nodes["y"]["log_prob"].reshape(6, 5, 25), rtol=1e-5)
+    assert torch.equal(torch.as_tensor(idata.observed_data["y"].values), data.T)
+
+
 def test_what_cannot_be_done_says_so(fresh_param_store):
     data = grouped_data(40)
     with pytest.raises(ValueError, match="local must be one of"):
         AutoFlow(fixed_tau_model, local="amortised")
     with pytest.raises(ValueError, match="local='per-item'"):
         AutoFlow(fixed_tau_model, local="none").setup(data, 10)
-    guide = AutoFlow(fixed_tau_model, flow="planar").setup(data, 10)
-    with pytest.raises(NotImplementedError, match="subsampled"):
-        log_density_at(guide, sample_constrained(guide, 3, data, 10), data, 10)
-    with pytest.raises(NotImplementedError, match="subsampled"):
-        to_inference_data(guide, fixed_tau_model, data, 10, num_samples=3)
 
     def two_subsampled_plates():
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

@@ -6,8 +6,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
+from pyro.poutine.util import site_is_subsample
 
-from .autoflow.sites import subsampled_plates
+from .autoflow.sites import local_subsampled_plate
+from .item_chunks import Stitched, chunked_traces, per_draw_log_density, plate_axis
 from .pyro_internals import max_plate_nesting
 
 # The particle plate Pyro's vectorised importance sampler adds around model and guide.
@@ -21,7 +23,7 @@ def _dims(name, shape, event_dim, frames, plate_sizes):
     for frame in frames:
         if frame.vectorized and frame.name != _PARTICLE_PLATE:
             names[batch_dim + frame.dim] = frame.name
-            plate_sizes[frame.name] = frame.size
+            plate_sizes[frame.name] = frame.full_size or frame.size
     return names
 
 
@@ -45,57 +47,45 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     - ``observed_data``.
 
     One chain of ``num_samples`` draws. Model and guide run once, vectorised over the draws (as in
-    Pyro's vectorised ELBO), so the model must broadcast over a leading particle dimension.
+    Pyro's vectorised ELBO), so the model must broadcast over a leading particle dimension. Where an
+    ``AutoFlow``'s local posteriors' plate is subsampled, they run a subsample at a time over every
+    item, the globals' draws fixed (:mod:`~vi_flows.item_chunks`): memory follows the subsample.
     """
     import arviz
 
     nesting = max_plate_nesting(model, guide, *args, **kwargs)
-    log_weights, model_trace, guide_trace = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
-    )
-    log_q = sum(
-        site["log_prob"].reshape(num_samples, -1).sum(-1)
-        for site in guide_trace.nodes.values()
-        if site["type"] == "sample"
-    )
-    posterior, log_likelihood, observed, dims, plate_sizes = {}, {}, {}, {}, {}
     posterior_shapes = {name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()}
-    local = getattr(guide, "locals", None)
-    if local is not None:
-        subsampled = subsampled_plates(model_trace)
-        if subsampled:
-            raise NotImplementedError(
-                f"to_inference_data runs model and guide once on all the data; plate {', '.join(subsampled)} is "
-                "subsampled. Export from a model without subsampling (the same guide reads it)."
-            )
-        posterior_shapes.update(local.full_shapes)
     # Deterministic sites are functions of the latents: they join the posterior, with their shapes
     # from one model run on one guide draw (the guide's prototype leaves them out, as observed).
-    single_run = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*args, **kwargs)))
-    for name, site in single_run.get_trace(*args, **kwargs).nodes.items():
+    single_run = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*args, **kwargs))).get_trace(*args, **kwargs)
+    local = getattr(guide, "locals", None)
+    subsampled = local_subsampled_plate(single_run, local.local_plates) if local is not None else {}
+    if local is not None:
+        posterior_shapes.update(local.full_shapes)
+    if subsampled:
+        ((_, frame),) = subsampled.items()
+        values, pointwise, sites, log_p, log_q = _over_subsamples(guide, model, frame, nesting, num_samples, args, kwargs)
+    else:
+        values, pointwise, sites, log_p, log_q = _in_one_run(guide, model, nesting, num_samples, args, kwargs)
+    for name, site in single_run.nodes.items():
         if site["type"] == "sample" and _is_deterministic(site):
-            posterior_shapes[name] = site["value"].shape
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
+            posterior_shapes[name] = values[name].shape[values[name].dim() - site["value"].dim() :]
+    posterior, log_likelihood, observed, dims, plate_sizes = {}, {}, {}, {}, {}
+    for name, site in sites.items():
         if name in posterior_shapes:
             shape = posterior_shapes[name]
-            posterior[name] = site["value"].reshape((1, num_samples) + shape).cpu().numpy()
+            posterior[name] = values[name].reshape((1, num_samples) + shape).cpu().numpy()
         elif site["is_observed"]:
-            shape = site["value"].shape
+            shape = values[name].shape
             event_dim = site["fn"].event_dim  # a pointwise log likelihood has the batch shape only
-            log_likelihood[name] = site["log_prob"].reshape((1, num_samples) + shape[: len(shape) - event_dim]).cpu().numpy()
-            observed[name] = site["value"].cpu().numpy()
+            log_likelihood[name] = pointwise[name].reshape((1, num_samples) + shape[: len(shape) - event_dim]).cpu().numpy()
+            observed[name] = values[name].cpu().numpy()
             if event_dim:  # the two groups' shapes differ: ArviZ names their axes itself
                 continue
         else:
             continue
         dims[name] = _dims(name, shape, site["fn"].event_dim, site["cond_indep_stack"], plate_sizes)
-    stats = {
-        "log_p": (log_weights + log_q).reshape(1, -1).cpu().numpy(),
-        "log_q": log_q.reshape(1, -1).cpu().numpy(),
-        "log_weight": log_weights.reshape(1, -1).cpu().numpy(),
-    }
+    stats = {"log_p": log_p.reshape(1, -1).cpu().numpy(), "log_q": log_q.reshape(1, -1).cpu().numpy(), "log_weight": (log_p - log_q).reshape(1, -1).cpu().numpy()}
     coords = {name: list(range(size)) for name, size in plate_sizes.items()}
     return arviz.from_dict(
         posterior=posterior,
@@ -105,3 +95,37 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
         coords=coords,
         dims=dims,
     )
+
+
+def _in_one_run(guide, model, nesting, num_samples, args, kwargs):
+    """``(values, pointwise log-likelihoods, sites, log_p, log_q)`` of one run of model and guide
+    vectorised over the draws (Pyro's importance sampler)."""
+    log_weights, model_trace, guide_trace = vectorized_importance_weights(
+        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
+    )
+    log_q = sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in guide_trace.nodes.values() if site["type"] == "sample")
+    sites = {name: site for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+    values = {name: site["value"] for name, site in sites.items()}
+    pointwise = {name: site["log_prob"] for name, site in sites.items() if site["is_observed"]}
+    return values, pointwise, sites, log_weights + log_q, log_q
+
+
+def _over_subsamples(guide, model, frame, nesting, num_samples, args, kwargs):
+    """:func:`_in_one_run`'s results over every item of the subsampled plate ``frame``, a subsample
+    at a time (:mod:`~vi_flows.item_chunks`); ``sites`` are the last run's."""
+    values, pointwise, sites, log_p, log_q = Stitched(), Stitched(), {}, 0.0, 0.0
+    runs = chunked_traces(guide, model, frame, num_samples, _PARTICLE_PLATE, nesting, *args, **kwargs)
+    for index, (guide_trace, model_trace, kept) in enumerate(runs):
+        first = index == 0
+        log_q = log_q + per_draw_log_density(guide_trace, frame, kept, first, num_samples)
+        log_p = log_p + per_draw_log_density(model_trace, frame, kept, first, num_samples)
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            axis = plate_axis(site, frame)
+            values.add(name, site["value"], None if axis is None else axis + site["fn"].event_dim, kept, first)
+            if site["is_observed"]:
+                unscaled = site["log_prob"] * (frame.size / frame.full_size if axis is not None else 1.0)
+                pointwise.add(name, unscaled, axis, kept, first)
+            sites[name] = site
+    return values.result(), pointwise.result(), sites, log_p, log_q

@@ -41,10 +41,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from pyro.infer.autoguide.utils import deep_setattr
 from torch.distributions import biject_to
-from torch.distributions.transforms import AffineTransform, ReshapeTransform
+from torch.distributions.transforms import AffineTransform
 
-from ..flows.conditional import ConditionalFlow
-from ..registry import build_flow
+from ..item_chunks import item_subsamples
+from .item_flows import PER_ITEM_CONTEXT, check_items_are_events, item_flow, on_item_vectors
 from .local_gaussian import PathDerivativeGaussian, gaussian_prior, item_gaussian
 from .pseudo_observations import Amortized, PerItem, check_given_features, full_size_value, plate_features
 from .sites import local_subsampled_plate
@@ -87,16 +87,14 @@ class LocalPosterior(PyroModule):
             features = self.item_features(trace)
             self.pseudo_observations = Amortized(trace, self.names, features, local)
             if flow is not None:
-                _check_items_are_events(trace, self.names, self.pseudo_observations.per_item_shapes)
+                check_items_are_events(trace, self.names, self.pseudo_observations.per_item_shapes)
         else:
             self.data_plates, self.given_features = (), {}
             self.pseudo_observations = PerItem(trace, self.names, context_dim=None if flow is None else PER_ITEM_CONTEXT)
         self.flow_spec = flow
         if flow is not None:
             for name in self.names:
-                dim = max(_event_shape(trace.nodes[name]).numel(), 1)
-                conditional = ConditionalFlow(build_flow(flow, dim, **(flow_options or {})), dim, self.pseudo_observations.context_dim)
-                deep_setattr(self, "flows." + name, conditional)
+                deep_setattr(self, "flows." + name, item_flow(trace.nodes[name], flow, flow_options, self.pseudo_observations.context_dim))
         self.mean_field = [name for name in self.names if gaussian_prior(trace.nodes[name]["fn"]) is None]
         if self.mean_field:
             warnings.warn(
@@ -125,7 +123,7 @@ class LocalPosterior(PyroModule):
         # Every part caches its last pair, so that scoring a fresh draw walks back through the caches
         # to the flow's own cache instead of running its (for some families iterative) inverse.
         to_gaussian = AffineTransform(item_loc, item_scale, event_dim=event_dim, cache_size=1)
-        return dist.TransformedDistribution(standard, [*_on_item_vectors(flow, standard.event_shape), to_gaussian, to_support])
+        return dist.TransformedDistribution(standard, [*on_item_vectors(flow, standard.event_shape), to_gaussian, to_support])
 
     def item_features(self, trace):
         """``{plate: (items, F)}``: what the encoders read of the items of a model run's subsample."""
@@ -171,21 +169,32 @@ class LocalPosterior(PyroModule):
     @torch.no_grad()
     def log_prob(self, global_draws, local_draws, *args, **kwargs):
         """The local sites' log density under the guide at given draws (``{site: (S, *site_shape)}``,
-        globals and locals), one per draw, for a model run without subsampled plates (the guide may
-        have been fitted with them)."""
+        globals and locals), one per draw; a subsampled plate's items a subsample at a time."""
         _, subsampled = self._items_of_run(global_draws, *args, **kwargs)
-        if subsampled:
-            raise NotImplementedError(
-                f"the guide's density at given local values over every item of the subsampled plate "
-                f"{', '.join(subsampled)}; score a model without subsampling (the same guide reads it)"
-            )
-        num_draws = len(local_draws[self.names[0]])
         global_values = {name: self.left_of_plates(name, value) for name, value in global_draws.items()}
+        if not subsampled:
+            return self._log_prob_of_run(global_values, local_draws, {}, None, args, kwargs)
+        ((plate, frame),) = subsampled.items()
+        total = 0.0
+        for indices, kept in item_subsamples(frame):
+            # Each site's draws (S, *shape): the plate's axis is frame.dim from the right of the batch shape.
+            chunk = {name: draws.index_select(draws.dim() - self.event_dims[name] + frame.dim, indices) for name, draws in local_draws.items() if name in self.names}
+            total = total + self._log_prob_of_run(global_values, chunk, {plate: indices}, (frame, kept), args, kwargs)
+        return total
+
+    def _log_prob_of_run(self, global_values, local_draws, indices, kept, args, kwargs):
+        """One run's part of :meth:`log_prob`; with ``kept = (frame, count)``, over the plate's first ``count`` items."""
+        num_draws = len(local_draws[self.names[0]])
         local_values = {name: self.left_of_plates(name, local_draws[name]) for name in self.names}
         with pyro.plate("_draws", num_draws, dim=-self.plate_depth - 1):
-            trace = self._run(global_values, local_values, {}, *args, **kwargs)
-        sites = [trace.nodes[name] for name in self.names]
-        return sum(site["fn"].log_prob(site["value"]).reshape(num_draws, -1).sum(-1) for site in sites)
+            trace = self._run(global_values, local_values, indices, *args, **kwargs)
+        total = 0.0
+        for name in self.names:
+            log_prob = trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"])
+            if kept is not None:
+                log_prob = log_prob.narrow(log_prob.dim() + kept[0].dim, 0, kept[1])
+            total = total + log_prob.reshape(num_draws, -1).sum(-1)
+        return total
 
     def left_of_plates(self, name, draws):
         """Draws ``(S, *site_shape)`` of a site with their draw dimension left of every plate of the model."""
@@ -205,17 +214,16 @@ class LocalPosterior(PyroModule):
             if not subsampled:
                 return {name: reduce(name, value.reshape((num_draws,) + shapes[name])) for name, value in self(values, *args, **kwargs).items()}
             ((plate, frame),) = subsampled.items()
-            result = {}
-            for start in range(0, frame.full_size, frame.size):
-                indices = torch.arange(start, start + frame.size) % frame.full_size
+            result, start = {}, 0
+            for indices, kept in item_subsamples(frame):
                 chunk = self(values, *args, indices={plate: indices}, **kwargs)
-                kept = min(frame.size, frame.full_size - start)
                 for name, value in chunk.items():
                     dim, shape = frame.dim - self.event_dims[name], shapes[name]
                     value = reduce(name, value.reshape((num_draws,) + shape[:dim] + (frame.size,) + shape[len(shape) + dim + 1 :]))
                     if name not in result:
                         result[name] = value.new_empty(value.shape[:1] + shapes[name])
                     result[name].narrow(dim, start, kept).copy_(value.narrow(dim, 0, kept))
+                start += kept
             return result
 
     def _items_of_run(self, global_draws, *args, **kwargs):
@@ -269,31 +277,3 @@ def _one_plate(name, plates):
             "items' data. Use local='per-item' for it."
         )
     return plates
-
-
-# A per-item flow's context: a learned row per item, this wide (its parameters vary in a space this big).
-PER_ITEM_CONTEXT = 8
-
-
-def _on_item_vectors(flow, event_shape):
-    """``flow`` (on each item's vector) between reshapes from and to the site's event shape."""
-    if len(event_shape) == 1:
-        return [flow]
-    dim = (max(event_shape.numel(), 1),)
-    return [ReshapeTransform(event_shape, dim, cache_size=1), flow, ReshapeTransform(dim, event_shape, cache_size=1)]
-
-
-def _event_shape(site):
-    """A site's event shape in unconstrained space."""
-    to_support = biject_to(site["fn"].support)
-    return to_support.inverse_shape(site["fn"].event_shape)
-
-
-def _check_items_are_events(trace, names, per_item_shapes):
-    for name in names:
-        if per_item_shapes[name] != _event_shape(trace.nodes[name]):
-            raise ValueError(
-                f"local site {name!r} has batch dimensions right of its amortised plate (its per-item shape "
-                f"{tuple(per_item_shapes[name])} is not its event shape), so a local flow cannot read one item's "
-                "coordinates; declare them with .to_event(...), or use local='per-item'."
-            )
