@@ -75,18 +75,26 @@ def refittable(guide):
 def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
     """Move every item's rows of a set-up ``AutoFlow``'s per-item tables to their optimum given
     ``global_draws`` of its globals (see the module's docstring); a :class:`Refit`, or None where the
-    local posteriors cannot be refitted (:func:`refittable`, or a local prior reading another local site)."""
+    local posteriors cannot be refitted (:func:`refittable`, or a local prior reading another local
+    site). Its draws come from a fixed seed, the caller's random state left as it was."""
     if refittable(guide):
         return None
-    posterior = guide.locals
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        latent = guide.get_posterior().sample((global_draws,)) if guide.latent_dim else None
-    global_values = {}
-    if latent is not None:
-        values, _ = constrained_values(guide, latent)
+        moves = _refit_every_item(guide, global_draws, args, kwargs)
+    if moves is None:
+        return None
+    loc, log_precision = (torch.cat(parts) for parts in zip(*moves))
+    return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
+
+
+def _refit_every_item(guide, global_draws, args, kwargs):
+    """:func:`_refit_subsample`'s moves over every subsample, or None."""
+    posterior, global_values, num_draws = guide.locals, {}, 1
+    if guide.latent_dim:
+        values, _ = constrained_values(guide, guide.get_posterior().sample((global_draws,)))
         global_values = {name: posterior.left_of_plates(name, value) for name, value in values.items()}
-    num_draws = global_draws if latent is not None else 1
+        num_draws = global_draws
     subsamples = fixed_subsamples(posterior, None)
     dim = _item_dimension(posterior, global_values, num_draws, subsamples[0], args, kwargs)
     moves = []
@@ -95,9 +103,7 @@ def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
         if moved is None:
             return None
         moves.append(moved)
-    loc = torch.cat([move[0] for move in moves])
-    log_precision = torch.cat([move[1] for move in moves])
-    return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
+    return moves
 
 
 def _refit_subsample(posterior, global_values, num_draws, dim, indices, args, kwargs):
