@@ -1,17 +1,19 @@
-"""Local latents at scale: ``python benchmarks/local_scale.py [step|fit|all]``.
+"""Local latents at scale: ``python benchmarks/local_scale.py [step|fit|known-tau|export|all]``.
 
 ``step`` prints milliseconds per step and peak memory of the hierarchical normal model of issue 19
 (``mu``, ``tau`` global, one ``theta`` per group, 5 observations per group) against the number of
 groups N at a subsample of B = 256, for ``AutoFlow`` (its per-item local posteriors, the step as
 ``fit`` takes it, compiled, and as Pyro's ``SVI`` takes it; the amortised ones as ``fit`` takes it)
-next to Pyro's ``AutoNormal`` with
-``create_plates`` subsampling, each configuration in its own process (for its peak memory).
-``fit [local] [seeds...]`` runs the default ``fit(model, AutoFlow(model, local=local))`` at N = 100,000
-(``--groups``) subsampled on each seed, and reports its time, peak memory, the subsample's noise
-left (``FitResult.subsample_noise``) and the globals' posterior beside the exact one and (first seed,
-unless ``--no-mean-field``) a full-batch mean-field fit's; ``--no-control-variate`` fits without ``fit``'s
-control variate, ``--no-refit`` without its refits of the items' rows. ``known-tau [local] [seeds...]`` fits the model with tau known (0.5) and
-compares mu and 1000 random groups' theta with the closed-form posterior.
+next to Pyro's ``AutoNormal`` with ``create_plates`` subsampling, each configuration in its own
+process (for its peak memory). ``fit [local] [seeds...]`` runs the default ``fit(model,
+AutoFlow(model, local=local))`` at N = 100,000 (``--groups``) subsampled on each seed, and reports
+its time, peak memory, the subsample's noise left (``FitResult.subsample_noise``), the rows' shift
+(``FitResult.item_shift``) and the globals' posterior beside the exact one and (first seed, unless
+``--no-mean-field``) a full-batch mean-field fit's; ``--no-control-variate`` fits without ``fit``'s
+control variate, ``--no-refit`` without its refits of the items' rows. ``known-tau [local]
+[seeds...]`` fits the model with tau known (0.5) and compares mu and 1000 random groups' theta with
+the closed-form posterior. ``export [draws]`` times ``to_inference_data`` and ``log_density_at``
+over every group of the subsampled model (set up, not fitted).
 """
 
 import argparse
@@ -27,7 +29,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from vi_flows import AutoFlow, fit, guide_moments
+from vi_flows import AutoFlow, fit, guide_moments, log_density_at, sample_constrained, to_inference_data
 from vi_flows.elbo_step import ELBOStep
 from vi_flows.models._hierarchical import equal_groups_moments, known_tau_moments
 from vi_flows.pyro_internals import max_plate_nesting
@@ -163,6 +165,23 @@ def known_tau_at_scale(num_groups=10**5, local="auto", seed=0, num_items=1000, n
     return report
 
 
+def export_at_scale(num_groups=10**5, num_draws=100):
+    """Seconds and peak memory of the ArviZ export and of the guide's density over every group."""
+    torch.set_num_threads(1)
+    model = make_model(num_groups)
+    guide = AutoFlow(model).setup()
+    set_up_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    exported = to_inference_data(guide, model, num_samples=num_draws)
+    report = {"groups": num_groups, "draws": num_draws, "export_seconds": time.perf_counter() - start, "theta": list(exported.posterior["theta"].shape)}
+    report.update(peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, set_up_mb=set_up_mb)
+    draws = sample_constrained(guide, num_draws)
+    start = time.perf_counter()
+    log_density_at(guide, draws)
+    report["log_density_seconds"] = time.perf_counter() - start
+    return report
+
+
 def _in_process(what, kind, size):
     command = [sys.executable, __file__, "_one", what, kind, str(size)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -171,7 +190,7 @@ def _in_process(what, kind, size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["step", "fit", "known-tau", "all", "_one"])
+    parser.add_argument("what", choices=["step", "fit", "known-tau", "export", "all", "_one"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--groups", type=int, default=10**5, help="fit: the number of groups N")
     parser.add_argument("--no-control-variate", action="store_true", help="fit: without fit's control variate")
@@ -183,6 +202,9 @@ def main(argv=None):
         return
     if args.what in ("step", "all"):
         step_table()
+    if args.what == "export":
+        print(json.dumps(export_at_scale(args.groups, int(args.rest[0]) if args.rest else 100)))
+        return
     local, *seeds = args.rest or ["auto"]
     if args.what == "known-tau":
         for seed in seeds or ["0"]:
