@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoNormal
 from pyro.infer.reparam import LocScaleReparam
 
 from vi_flows import AutoFlow, fit
@@ -102,3 +103,20 @@ def test_export_of_the_zoos_models_warns_of_nothing(name, caplog):
         warnings_module.simplefilter("error")
         to_inference_data(guide, module.model, num_samples=50)
     assert not caplog.records, [record.getMessage() for record in caplog.records]
+
+
+def test_a_guide_without_local_posteriors_exports_the_subsample_it_reads():
+    """Pyro's AutoNormal over a subsampled plate: one run, the subsample's items (an AutoFlow's local
+    posteriors export every item, tests/test_local.py)."""
+    pyro.clear_param_store()
+    data = torch.randn(40)
+
+    def model(subsample_size=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 40, subsample_size=subsample_size) as index:
+            effect = pyro.sample("effect", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(effect, 1.0), obs=data[index])
+
+    guide = AutoNormal(model, create_plates=lambda subsample_size=None: pyro.plate("groups", 40, subsample_size=subsample_size))
+    exported = to_inference_data(guide, model, 10, num_samples=5)
+    assert exported.posterior["effect"].shape == (1, 5, 10) and exported.posterior["effect"].dims[-1] == "groups"

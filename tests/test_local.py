@@ -193,6 +193,17 @@ def test_what_cannot_be_done_says_so(fresh_param_store):
     with pytest.raises(NotImplementedError, match=r"several subsampled plates \(schools, hospitals\).*Subsample one of them"):
         AutoFlow(two_subsampled_plates).setup()
 
+    def a_local_plate_beside_the_subsampled_one():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("regions", 7, dim=-2):
+            region = pyro.sample("region", dist.Normal(mu, 1.0))
+            pyro.sample("region_data", dist.Normal(region, 1.0), obs=torch.zeros(7, 1))
+        with pyro.plate("groups", 40, subsample_size=10, dim=-1):
+            pyro.sample("group", dist.Normal(mu, 1.0))
+
+    with pytest.raises(NotImplementedError, match=r"groups is subsampled and the local latents \{'region': \['regions'\]\} lie outside it"):
+        AutoFlow(a_local_plate_beside_the_subsampled_one, local="per-item").setup()
+
 
 def test_a_local_prior_that_is_not_gaussian_is_fitted_mean_field_with_a_warning(fresh_param_store):
     def model(data):

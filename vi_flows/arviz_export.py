@@ -16,14 +16,15 @@ from .pyro_internals import max_plate_nesting
 _PARTICLE_PLATE = "num_particles_vectorized"
 
 
-def _dims(name, shape, event_dim, frames, plate_sizes):
-    """ArviZ dimension names of a site: a plate's name on the axis it indexes, ``<site>_dim_<k>`` elsewhere."""
+def _dims(name, shape, event_dim, frames, plate_sizes, every_item):
+    """ArviZ dimension names of a site: a plate's name on the axis it indexes, ``<site>_dim_<k>``
+    elsewhere; a subsampled plate's size is its full size where the export holds ``every_item``."""
     batch_dim = len(shape) - event_dim
     names = [f"{name}_dim_{axis}" for axis in range(len(shape))]
     for frame in frames:
         if frame.vectorized and frame.name != _PARTICLE_PLATE:
             names[batch_dim + frame.dim] = frame.name
-            plate_sizes[frame.name] = frame.full_size or frame.size
+            plate_sizes[frame.name] = (frame.full_size or frame.size) if every_item else frame.size
     return names
 
 
@@ -84,7 +85,7 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
                 continue
         else:
             continue
-        dims[name] = _dims(name, shape, site["fn"].event_dim, site["cond_indep_stack"], plate_sizes)
+        dims[name] = _dims(name, shape, site["fn"].event_dim, site["cond_indep_stack"], plate_sizes, bool(subsampled))
     stats = {"log_p": log_p.reshape(1, -1).cpu().numpy(), "log_q": log_q.reshape(1, -1).cpu().numpy(), "log_weight": (log_p - log_q).reshape(1, -1).cpu().numpy()}
     coords = {name: list(range(size)) for name, size in plate_sizes.items()}
     return arviz.from_dict(

@@ -47,7 +47,7 @@ from ..item_chunks import item_subsamples
 from .item_flows import PER_ITEM_CONTEXT, check_items_are_events, item_flow, on_item_vectors
 from .local_gaussian import PathDerivativeGaussian, gaussian_prior, item_gaussian
 from .pseudo_observations import Amortized, PerItem, check_given_features, full_size_value, plate_features
-from .sites import local_subsampled_plate
+from .sites import check_locals_in_subsampled_plate, local_subsampled_plate
 
 class LocalPosterior(PyroModule):
     r"""The local sites' posteriors (see the module's docstring), their pseudo-observations from
@@ -81,6 +81,7 @@ class LocalPosterior(PyroModule):
         self.plate_depth = max((-frame.dim for site in trace.nodes.values() for frame in site.get("cond_indep_stack", ())), default=0)
         self.local_plates = {plate for plates in local.values() for plate in plates}
         self.subsampled = local_subsampled_plate(trace, self.local_plates)
+        check_locals_in_subsampled_plate(trace, local, self.subsampled)
         if mode == "amortized":
             self.data_plates = sorted({plate for name in self.names for plate in _one_plate(name, local[name])})
             self.given_features = check_given_features(features or {}, trace, self.data_plates)

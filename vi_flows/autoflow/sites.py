@@ -68,6 +68,19 @@ def local_subsampled_plate(trace, local_plates):
     return subsampled
 
 
+def check_locals_in_subsampled_plate(trace, local, subsampled):
+    """A clear error where a plate of local latents is subsampled and some local site lies outside it
+    (``local``: ``{site: its plates}``): the starts, the control variate and the draws read every local
+    site a subsample of that plate at a time."""
+    outside = {name: sorted(plates) for name, plates in local.items() if not any(frame.name in subsampled for frame in trace.nodes[name]["cond_indep_stack"])}
+    if subsampled and outside:
+        raise NotImplementedError(
+            f"plate {', '.join(subsampled)} is subsampled and the local latents {outside} lie outside it: AutoFlow's "
+            "local posteriors read every local site a subsample of that plate at a time. Fit without subsampling "
+            "(subsample_size=None), or with Pyro's AutoNormal(model, create_plates=...)."
+        )
+
+
 def _sample_sites(trace):
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]
 
