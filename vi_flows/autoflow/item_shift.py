@@ -12,7 +12,7 @@ subsamples of 64 by 0.7-1.5 sds when not refitted (RESULTS.md, "A hierarchy that
 
 import torch
 
-from .item_refit import refit_items
+from .item_refit import refit_items, refittable
 from .item_slopes import all_item_slopes
 
 NUM_DRAWS = 1000
@@ -23,6 +23,8 @@ def item_shift(guide, *args, num_draws=NUM_DRAWS, **kwargs):
     """Per coordinate of a set-up ``AutoFlow``'s packed globals (unconstrained), the Newton step of
     the globals after refitting every item's rows, in posterior sds (``num_draws`` of the guide's
     draws), its rows left as they were; None where its rows cannot be refitted."""
+    if refittable(guide):
+        return None
     with torch.random.fork_rng():
         torch.manual_seed(0)
         draws = guide.get_posterior().sample((num_draws,))
@@ -31,11 +33,11 @@ def item_shift(guide, *args, num_draws=NUM_DRAWS, **kwargs):
     kept = [table.detach().clone() for table in tables]
     try:
         before = all_item_slopes(guide, anchor, *args, **kwargs).sum(0)
-        if refit_items(guide, *args, **kwargs) is None:
+        if refit_items(guide, *args, **kwargs) is None:  # a chain of local sites
             return None
         after = all_item_slopes(guide, anchor, *args, **kwargs).sum(0)
     finally:
         for table, value in zip(tables, kept):
-            table.data.copy_(value)
+            table.copy_(value)
     covariance = torch.atleast_2d(torch.cov(draws.T))
     return covariance @ (after - before) / draws.std(0)
