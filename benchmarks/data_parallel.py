@@ -1,6 +1,8 @@
 """Data-parallel steps on this machine: items per second and peak memory per rank with 1 and 2
 processes (``torchrun``, gloo), on issue 19's hierarchical model at N groups subsampled to B = 256
-per rank, the per-item guide, one particle, the step as ``fit`` takes it, eager and compiled.
+per rank, the per-item guide, one particle, the step as ``fit`` takes it, eager and compiled; and
+the seconds of a refresh between runs of steps (every item's rows refitted, the control variate's
+slopes taken), which the ranks split.
 
     python benchmarks/data_parallel.py [N] [steps]     # default 100000 groups, 500 timed steps
 
@@ -48,7 +50,10 @@ def one_rank(num_groups, steps, compile, folder):
     for _ in range(steps):
         step(1e-3)
     seconds = time.perf_counter() - start
-    row = {"compiled": step.compiled, "ranks": world, "rank": dist.get_rank() if parallel else 0, "ms_per_step": 1e3 * seconds / steps,
+    start = time.perf_counter()
+    step.refresh()
+    refresh_seconds = time.perf_counter() - start
+    row = {"refresh_s": refresh_seconds, "compiled": step.compiled, "ranks": world, "rank": dist.get_rank() if parallel else 0, "ms_per_step": 1e3 * seconds / steps,
            "items_per_second": world * SUBSAMPLE * steps / seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with open(os.path.join(folder, f"rank{row['rank']}.json"), "w") as file:  # ranks share stdout
         json.dump(row, file)
@@ -67,7 +72,7 @@ def main(num_groups=100_000, steps=500):
                 with open(os.path.join(folder, name)) as file:
                     row = json.load(file)
                 print(f"N={num_groups}, {compile}: {row['ranks']} rank(s), rank {row['rank']}: {row['ms_per_step']:.2f} ms/step, "
-                      f"{row['items_per_second']:.0f} items/s, peak {row['peak_mb']:.0f} MB", flush=True)
+                      f"{row['items_per_second']:.0f} items/s, peak {row['peak_mb']:.0f} MB, refresh {row['refresh_s']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from vi_flows.elbo_step import ELBOStep
 
 GRADIENT_ITEMS, GRADIENT_SUBSAMPLE = 40, 5
 FIT_ITEMS, FIT_SUBSAMPLE = 1000, 50
+REFRESH_ITEMS = 41  # two ranks' shares of 21 and 20 items
+ROW_OFFSET = 1.0  # in loc and log precision: the refit moves the rows back
 
 
 def gradient_step(data_parallel=False):
@@ -23,6 +25,31 @@ def gradient_step(data_parallel=False):
     guide = AutoFlow(fixed_tau_model, flow="planar", local="per-item")
     data = grouped_data(GRADIENT_ITEMS)
     return ELBOStep(fixed_tau_model, guide, data, GRADIENT_SUBSAMPLE, num_particles=4, max_plate_nesting=2, threads=1, data_parallel=data_parallel)
+
+
+def refreshed_step(data_parallel=False):
+    """The per-item guide's step with its rows moved ``ROW_OFFSET`` off their start, then refreshed:
+    every item's rows refitted, the control variate anchored; and the rows before the refresh."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(fixed_tau_model, flow="planar", local="per-item")
+    data = grouped_data(REFRESH_ITEMS)
+    step = ELBOStep(fixed_tau_model, guide, data, GRADIENT_SUBSAMPLE, num_particles=4, max_plate_nesting=2, threads=1, data_parallel=data_parallel)
+    with torch.no_grad():
+        for table in step.tables:
+            table.add_(ROW_OFFSET)
+    before = [table.detach().clone() for table in step.tables]
+    step.refresh()
+    return step, before
+
+
+def refreshed(out):
+    dist.init_process_group("gloo")
+    step, _ = refreshed_step(data_parallel=True)
+    saved = {"tables": [table.detach() for table in step.tables], "slopes": step.control_variate.slopes, "total": step.control_variate.total}
+    torch.save(saved, f"{out}.{dist.get_rank()}")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def averaged_gradient(out):
@@ -52,4 +79,4 @@ def fitted_moments(out):
 if __name__ == "__main__":
     mode, out = sys.argv[1:3]
     torch.set_num_threads(1)
-    {"gradient": averaged_gradient, "fit": fitted_moments}[mode](out)
+    {"gradient": averaged_gradient, "refresh": refreshed, "fit": fitted_moments}[mode](out)

@@ -77,7 +77,7 @@ def _gradients(guide, particles, data, subsample_size, control_variate, count):
 
 
 def test_where_the_slopes_fail_auto_steps_without_it_and_says_why(fresh_param_store, monkeypatch):
-    def fails(self):
+    def fails(self, shard=None):
         raise RuntimeError("derivative for some_op is not implemented")
 
     monkeypatch.setattr(LinearControlVariate, "refresh", fails)

@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, gradient_step
+from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, ROW_OFFSET, gradient_step, refreshed_step
 from test_local import closed_form, grouped_data
 from vi_flows import AutoFlow, to_inference_data
 from vi_flows.data_parallel import ShardedSubsamples
@@ -58,6 +58,20 @@ def test_the_all_reduced_gradient_is_the_mean_of_the_ranks_gradients(tmp_path, f
         assert len(rank_gradients) == len(shared)
         for got, want in zip(rank_gradients, expected):
             torch.testing.assert_close(got, torch.as_tensor(want).expand_as(got) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_each_rank_refits_and_takes_the_slopes_of_its_own_items_and_shares_them(tmp_path, fresh_param_store):
+    """Between runs of steps each rank refits its own items' rows and computes their slopes (41 items:
+    shares of 21 and 20), and the ranks exchange them: every rank ends with what one process computes alone."""
+    ranks = run_ranks("refresh", tmp_path / "refresh")
+    step, before = refreshed_step()
+    for table, offset in zip(step.tables, before):  # a conjugate item's refit undoes the offset
+        assert ((table.detach() - offset).abs() - ROW_OFFSET).abs().max() < 0.5
+    for rank_result in ranks:
+        for got, want in zip(rank_result["tables"], step.tables):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rank_result["slopes"], step.control_variate.slopes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rank_result["total"], step.control_variate.total, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ class LinearControlVariate:
     """The control variate of the module's docstring for the packed global latent that the guide
     samples at ``latent_site`` (a ``D``-vector per draw) and the items of the subsampled ``plate`` of
     ``num_items`` items. ``posterior()`` gives the guide's distribution of the packed latent, and
-    ``slopes(latent)`` every item's slope at a packed latent, ``(N, D)``; :meth:`refresh` anchors it."""
+    ``slopes(latent, shard)`` every item's slope at a packed latent, ``(N, D)`` (data-parallel, each
+    rank computing its ``shard``'s, :class:`~vi_flows.data_parallel.Shard`); :meth:`refresh` anchors it."""
 
     def __init__(self, latent_site, plate, num_items, posterior, slopes, like):
         self.latent_site, self.plate, self.num_items = latent_site, plate, num_items
@@ -44,12 +45,13 @@ class LinearControlVariate:
         self.total = torch.zeros_like(like)
 
     @torch.no_grad()
-    def refresh(self):
-        """Anchor at the guide's posterior mean, in place: a compiled step reads these very tensors."""
+    def refresh(self, shard=None):
+        """Anchor at the guide's posterior mean, in place: a compiled step reads these very tensors.
+        Data-parallel, every rank calls it with its ``shard``."""
         with torch.random.fork_rng():
             torch.manual_seed(0)
             anchor = self._posterior().sample((ANCHOR_DRAWS,)).mean(0)
-        slopes = self._slopes_at(anchor)
+        slopes = self._slopes_at(anchor, shard)
         self.anchor.copy_(anchor)
         self.slopes.copy_(slopes)
         self.total.copy_(slopes.sum(0))

@@ -7,7 +7,8 @@ unbiased estimate of the full ELBO, so the mean of the ranks' gradients is one f
 ``world_size * B`` items. That mean (one all-reduce of the loss and every gradient but the per-item tables')
 moves every rank's global parameters alike; a per-item table row moves only on the rank that owns
 its item (lazy Adam, :mod:`~vi_flows.item_steps`), so tables need no communication until the end,
-when each row is taken from its owner. The loss the stopping rule and divergence guard read is the
+when each row is taken from its owner. Between runs of steps each rank refits its own items' rows
+and computes their slopes (:class:`Shard`), and the ranks exchange the results. The loss the stopping rule and divergence guard read is the
 ranks' mean, so every rank stops, rolls back and cuts its rate at the same step.
 
 Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
@@ -17,6 +18,7 @@ and ends it afterwards.
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -87,6 +89,44 @@ def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The items of a subsampled plate that rank ``rank`` of ``world_size`` owns, ``i % world_size == rank``:
+    the share of the work between runs of steps (the items' refits and slopes) that falls to it."""
+
+    rank: int
+    world_size: int
+
+    def items(self, size, rank=None):
+        """This rank's (or ``rank``'s) items of a plate of ``size`` items, in order."""
+        return torch.arange(self.rank if rank is None else rank, size, self.world_size)
+
+    @torch.no_grad()
+    def sum(self, tensor):
+        """``tensor`` summed over the ranks, in place."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    @torch.no_grad()
+    def max(self, tensor):
+        """``tensor``'s largest values over the ranks, in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    @torch.no_grad()
+    def gather(self, rows, dim, size):
+        """``[(items, rows)]`` of every rank, in rank order: its :meth:`items` of a plate of ``size`` items
+        and its ``rows`` of them, along dimension ``dim``."""
+        longest = len(range(0, size, self.world_size))
+        padding = list(rows.shape)
+        padding[dim] = longest - rows.shape[dim]
+        padded = torch.cat([rows, rows.new_zeros(padding)], dim).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        items = [self.items(size, rank) for rank in range(self.world_size)]
+        return [(owned, part.narrow(dim, 0, len(owned))) for owned, part in zip(items, parts)]
+
+
 class DataParallel:
     """What ``fit``'s steps do across the ranks of the default process group (see the module's
     docstring), for the trained tensors ``params`` of which ``tables`` are per-item tables."""
@@ -98,6 +138,7 @@ class DataParallel:
         self.is_table = [id(param) in table_ids for param in params]
         self.tables = [param for param in params if id(param) in table_ids]
         self.subsamples = ShardedSubsamples(self.rank, self.world_size)
+        self.shard = Shard(self.rank, self.world_size)
 
     @torch.no_grad()
     def broadcast(self, tensors):

@@ -86,7 +86,7 @@ class ELBOStep:
             guide = FastSubsamples()(guide)
         # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
-        self.control_variate = _control_variate(user_guide, control_variate, possible, args, kwargs)
+        self.control_variate = _control_variate(user_guide, control_variate, possible, self.shard, args, kwargs)
         refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None
         self._refit_items = functools.partial(refit, *args, **kwargs) if refit is not None else None
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
@@ -140,15 +140,21 @@ class ELBOStep:
         return num_threads
 
     def refresh(self):
-        """Between runs of steps (O(N)): refit the items' rows where the step does, forgetting their
-        momentum, then re-anchor the control variate, where the step has one, at the guide's posterior mean."""
-        if self._refit_items is not None and self._refit_items() is not None:
+        """Between runs of steps (O(N), split over the ranks of a data-parallel fit): refit the items'
+        rows where the step does, forgetting their momentum, then re-anchor the control variate, where
+        the step has one, at the guide's posterior mean."""
+        if self._refit_items is not None and self._refit_items(shard=self.shard) is not None:
             for table in self.tables:
                 state = self.optimizer.state.get(table)
                 if state:  # the rows' old direction, which the refit has already taken
                     state["exp_avg"].zero_()
         if self.control_variate is not None:
-            self.control_variate.refresh()
+            self.control_variate.refresh(self.shard)
+
+    @property
+    def shard(self):
+        """This rank's share of the items (:class:`~vi_flows.data_parallel.Shard`), None in one process."""
+        return self.parallel.shard if self.parallel is not None else None
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
@@ -169,7 +175,7 @@ class ELBOStep:
         return loss.item()
 
 
-def _control_variate(guide, wanted, possible, args, kwargs):
+def _control_variate(guide, wanted, possible, shard, args, kwargs):
     """The guide's control variate for the subsample's noise (:mod:`~vi_flows.control_variates`),
     anchored, where ``wanted`` and ``possible`` (a subsampled step of reparameterised draws) and the
     guide offers one (``guide.control_variate``); else None, or with ``wanted=True`` an error."""
@@ -183,7 +189,7 @@ def _control_variate(guide, wanted, possible, args, kwargs):
     if control_variate is None:
         return None
     try:
-        control_variate.refresh()
+        control_variate.refresh(shard)
     except (RuntimeError, NotImplementedError) as failure:  # the items' slopes need second derivatives
         if wanted is True:
             raise

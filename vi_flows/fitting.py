@@ -199,7 +199,7 @@ def fit(
         if step_once.subsampled:
             world_size = step_once.parallel.world_size if parallel else 1
             result.subsample_noise = check_subsample_noise(guide, step_once.control_variate, world_size, *args, **kwargs)
-            result.item_shift = check_item_shift(guide, *args, **kwargs)
+            result.item_shift = check_item_shift(guide, *args, shard=step_once.shard, **kwargs)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:

@@ -35,10 +35,11 @@ def check_subsample_noise(guide, control_variate, world_size, *args, **kwargs):
     return worst
 
 
-def check_item_shift(guide, *args, **kwargs):
+def check_item_shift(guide, *args, shard=None, **kwargs):
     """The largest shift of a global, in posterior sds, were every item's rows refitted, of a guide
-    that measures it (``item_shift``), with a warning above ``MAX_ITEM_SHIFT``."""
-    shift = _measure(guide, "item_shift", "how far the items' rows are from their optimum", *args, **kwargs)
+    that measures it (``item_shift``; data-parallel, each rank its ``shard``'s items), with a warning
+    above ``MAX_ITEM_SHIFT``."""
+    shift = _measure(guide, "item_shift", "how far the items' rows are from their optimum", *args, shard=shard, **kwargs)
     if not isinstance(shift, dict):
         return shift
     site, worst = _worst({name: value.abs() for name, value in shift.items()})

@@ -22,7 +22,8 @@ iterated from the current rows: with one :math:`\theta` it is conjugate-computat
 one (Khan & Lin, AISTATS 2017), exact in one iteration for a Gaussian likelihood. The expectations over
 :math:`q_\theta` are a quadrature per item (2d + 1 points, exact for polynomials of degree 3 in each of
 its d coordinates, so a conjugate item's rows do not move and take no noise), over a fixed set of the
-globals' draws. It applies to per-item tables without a local flow, every local prior Gaussian in
+globals' draws. In a data-parallel fit each rank refits the items it owns and the ranks exchange
+the rows (:class:`~vi_flows.data_parallel.Shard`). It applies to per-item tables without a local flow, every local prior Gaussian in
 unconstrained space and following the globals alone (a local site whose prior reads another local
 site is left to the steps).
 """
@@ -72,30 +73,49 @@ def refittable(guide):
 
 
 @torch.no_grad()
-def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, **kwargs):
+def refit_items(guide, *args, global_draws=GLOBAL_DRAWS, shard=None, **kwargs):
     """Move every item's rows of a set-up ``AutoFlow``'s per-item tables to their optimum given
     ``global_draws`` of its globals (see the module's docstring); a :class:`Refit`, or None where the
     local posteriors cannot be refitted (:func:`refittable`, or a local prior reading another local
-    site). Its draws come from a fixed seed, the caller's random state left as it was."""
+    site). Its draws come from a fixed seed, the caller's random state left as it was. With a
+    ``shard`` (:class:`~vi_flows.data_parallel.Shard`, every rank calling) this rank refits its own
+    items of the subsampled plate and receives the other ranks' rows."""
     if refittable(guide):
         return None
+    shard = shard if guide.locals.subsampled else None  # every rank steps every item of an unsubsampled plate
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        moves = _refit_every_item(guide, global_draws, args, kwargs)
+        moves = _refit_every_item(guide, global_draws, shard, args, kwargs)
     if moves is None:
         return None
     loc, log_precision = (torch.cat(parts) for parts in zip(*moves))
-    return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
+    if shard is None:
+        return Refit(loc.max().item(), loc.mean().item(), log_precision.max().item(), log_precision.mean().item())
+    _share_rows(guide.locals, shard)
+    largest = shard.max(torch.stack([loc.max(), log_precision.max()]))
+    totals = shard.sum(torch.stack([loc.sum(), log_precision.sum(), loc.new_tensor(len(loc))]))
+    return Refit(largest[0].item(), (totals[0] / totals[2]).item(), largest[1].item(), (totals[1] / totals[2]).item())
 
 
-def _refit_every_item(guide, global_draws, args, kwargs):
-    """:func:`_refit_subsample`'s moves over every subsample, or None."""
+def _share_rows(posterior, shard):
+    """Give every rank the rows each rank refitted of its own items."""
+    ((plate, frame),) = posterior.subsampled.items()
+    size = frame.full_size
+    for name in posterior.names:
+        loc, log_precision = _rows(posterior, name, {plate: shard.items(size)})
+        dim = loc.dim() + frame.dim - posterior.event_dims[name]
+        for (items, their_loc), (_, their_log_precision) in zip(shard.gather(loc, dim, size), shard.gather(log_precision, dim, size)):
+            write_rows(posterior, name, {plate: items}, their_loc, their_log_precision.exp())
+
+
+def _refit_every_item(guide, global_draws, shard, args, kwargs):
+    """:func:`_refit_subsample`'s moves over every subsample (of ``shard``'s items, where given), or None."""
     posterior, global_values, num_draws = guide.locals, {}, 1
     if guide.latent_dim:
         values, _ = constrained_values(guide, guide.get_posterior().sample((global_draws,)))
         global_values = {name: posterior.left_of_plates(name, value) for name, value in values.items()}
         num_draws = global_draws
-    subsamples = fixed_subsamples(posterior, None)
+    subsamples = fixed_subsamples(posterior, None, shard)
     dim = _item_dimension(posterior, global_values, num_draws, subsamples[0], args, kwargs)
     moves = []
     for indices in subsamples:

@@ -19,10 +19,11 @@ NUM_DRAWS = 1000
 
 
 @torch.no_grad()
-def item_shift(guide, *args, num_draws=NUM_DRAWS, **kwargs):
+def item_shift(guide, *args, num_draws=NUM_DRAWS, shard=None, **kwargs):
     """Per coordinate of a set-up ``AutoFlow``'s packed globals (unconstrained), the Newton step of
     the globals after refitting every item's rows, in posterior sds (``num_draws`` of the guide's
-    draws), its rows left as they were; None where its rows cannot be refitted."""
+    draws), its rows left as they were; None where its rows cannot be refitted. With a ``shard``
+    (data-parallel, every rank calling) each rank refits and takes the slopes of its own items."""
     if refittable(guide):
         return None
     with torch.random.fork_rng():
@@ -32,10 +33,10 @@ def item_shift(guide, *args, num_draws=NUM_DRAWS, **kwargs):
     tables = guide.item_tables()
     kept = [table.detach().clone() for table in tables]
     try:
-        before = all_item_slopes(guide, anchor, *args, **kwargs).sum(0)
-        if refit_items(guide, *args, **kwargs) is None:  # a chain of local sites
+        before = all_item_slopes(guide, anchor, *args, shard=shard, **kwargs).sum(0)
+        if refit_items(guide, *args, shard=shard, **kwargs) is None:  # a chain of local sites
             return None
-        after = all_item_slopes(guide, anchor, *args, **kwargs).sum(0)
+        after = all_item_slopes(guide, anchor, *args, shard=shard, **kwargs).sum(0)
     finally:
         for table, value in zip(tables, kept):
             table.copy_(value)

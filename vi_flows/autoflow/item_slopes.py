@@ -56,13 +56,15 @@ def item_slopes(guide, latent, indices, *args, **kwargs):
     return torch.stack(columns, -1).detach()
 
 
-def all_item_slopes(guide, latent, *args, **kwargs):
-    """``(N, D)``: :func:`item_slopes` of every item of the subsampled plate, a subsample at a time."""
+def all_item_slopes(guide, latent, *args, shard=None, **kwargs):
+    """``(N, D)``: :func:`item_slopes` of every item of the subsampled plate, a subsample at a time;
+    with a ``shard`` (:class:`~vi_flows.data_parallel.Shard`, every rank calling), each rank computes
+    its own items' and the ranks sum their tables."""
     plate, frame = subsampled_plate(guide)
     slopes = latent.new_zeros(frame.full_size, latent.numel())
-    for indices in fixed_subsamples(guide.locals, None):
+    for indices in fixed_subsamples(guide.locals, None, shard):
         slopes[indices[plate]] = item_slopes(guide, latent, indices, *args, **kwargs)
-    return slopes
+    return slopes if shard is None else shard.sum(slopes)
 
 
 def item_evidence(guide, latent, indices, *args, **kwargs):
@@ -76,8 +78,8 @@ def item_evidence(guide, latent, indices, *args, **kwargs):
     return total
 
 
-def _all_item_slopes(guide, args, kwargs, latent):
-    return all_item_slopes(guide, latent, *args, **kwargs)
+def _all_item_slopes(guide, args, kwargs, latent, shard):
+    return all_item_slopes(guide, latent, *args, shard=shard, **kwargs)
 
 
 def _derivative(output, weights):

@@ -114,24 +114,26 @@ def _in_local_plates(posterior, site):
     return any(frame.name in posterior.local_plates for frame in site["cond_indep_stack"])
 
 
-def fixed_subsamples(posterior, limit):
+def fixed_subsamples(posterior, limit, shard=None):
     """:func:`_subsamples` as a list, the same at every call (and on every rank of a data-parallel fit)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return list(_subsamples(posterior, limit))
+        return list(_subsamples(posterior, limit, shard))
 
 
-def _subsamples(posterior, limit):
+def _subsamples(posterior, limit, shard=None):
     """Index sets covering every item of the subsampled plate (None for a plate without subsampling),
-    at most ``limit`` of them, in a random order."""
+    or only the items of ``shard`` (:class:`~vi_flows.data_parallel.Shard`), at most ``limit`` of them,
+    in a random order."""
     if not posterior.subsampled:
         yield {}
         return
     ((plate, frame),) = posterior.subsampled.items()  # one at most (LocalPosterior)
-    order = torch.randperm(frame.full_size)
-    chunks = range(0, frame.full_size, frame.size)
+    items = torch.arange(frame.full_size) if shard is None else shard.items(frame.full_size)
+    order = items[torch.randperm(len(items))]
+    chunks = range(0, len(items), frame.size)
     for start in chunks if limit is None else chunks[:limit]:
-        yield {plate: order[torch.arange(start, start + frame.size) % frame.full_size]}
+        yield {plate: order[torch.arange(start, start + frame.size) % len(items)]}
 
 
 def write_rows(posterior, name, indices, loc, precision):

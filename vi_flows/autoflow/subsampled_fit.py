@@ -31,21 +31,23 @@ class SubsampledFitting:
         self.setup(*args, **kwargs)
         return evidence_control_variate(self, *args, **kwargs) if self.latent_dim else None
 
-    def refit_items(self, *args, **kwargs):
+    def refit_items(self, *args, shard=None, **kwargs):
         """Move every item's per-item rows to their optimum given the globals' posterior
-        (:mod:`~vi_flows.autoflow.item_refit`): a :class:`~vi_flows.autoflow.item_refit.Refit`
-        saying how far they moved, or None where the local posteriors cannot be refitted."""
+        (:mod:`~vi_flows.autoflow.item_refit`; data-parallel, each rank its ``shard``'s): a
+        :class:`~vi_flows.autoflow.item_refit.Refit` saying how far they moved, or None where the
+        local posteriors cannot be refitted."""
         self.setup(*args, **kwargs)
-        return refit_items(self, *args, **kwargs)
+        return refit_items(self, *args, shard=shard, **kwargs)
 
-    def item_shift(self, *args, **kwargs):
+    def item_shift(self, *args, shard=None, **kwargs):
         """``{global site: shift per unconstrained coordinate}``: how far, in posterior sds, the globals
-        would move if every item's rows were refitted (:mod:`~vi_flows.autoflow.item_shift`); empty
-        where no local posterior's plate is subsampled or the rows cannot be refitted."""
+        would move if every item's rows were refitted (:mod:`~vi_flows.autoflow.item_shift`; data-parallel,
+        each rank its ``shard``'s items); empty where no local posterior's plate is subsampled or the
+        rows cannot be refitted."""
         self.setup(*args, **kwargs)
         if subsampled_plate(self) is None or not self.latent_dim:
             return {}
-        shift = item_shift(self, *args, **kwargs)
+        shift = item_shift(self, *args, shard=shard, **kwargs)
         return {} if shift is None else self._by_site(shift)
 
     def _by_site(self, packed):
