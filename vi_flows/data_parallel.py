@@ -8,8 +8,9 @@ unbiased estimate of the full ELBO, so the mean of the ranks' gradients is one f
 moves every rank's global parameters alike; a per-item table row moves only on the rank that owns
 its item (lazy Adam, :mod:`~vi_flows.item_steps`), so tables need no communication until the end,
 when each row is taken from its owner. Between runs of steps each rank refits its own items' rows
-and computes their slopes (:class:`Shard`), and the ranks exchange the results. The loss the stopping rule and divergence guard read is the
-ranks' mean, so every rank stops, rolls back and cuts its rate at the same step.
+and computes their slopes (:class:`Shard`), and the ranks exchange the results. The loss the
+stopping rule and divergence guard read is the ranks' mean, so every rank stops, rolls back and
+cuts its rate at the same step.
 
 Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
 ``fit`` then starts the default process group (gloo on CPU, NCCL on a GPU) if the script has not,
@@ -91,8 +92,8 @@ def rank():
 
 @dataclass(frozen=True)
 class Shard:
-    """The items of a subsampled plate that rank ``rank`` of ``world_size`` owns, ``i % world_size == rank``:
-    the share of the work between runs of steps (the items' refits and slopes) that falls to it."""
+    """The items ``i % world_size == rank`` of a subsampled plate, which rank ``rank`` owns: its share
+    of the work between runs of steps (the items' refits and slopes)."""
 
     rank: int
     world_size: int

@@ -87,6 +87,8 @@ class ELBOStep:
         # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
         self.control_variate = _control_variate(user_guide, control_variate, possible, self.shard, args, kwargs)
+        if self.subsampled:
+            _warn_about_nested_locals(user_guide)
         refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None
         self._refit_items = functools.partial(refit, *args, **kwargs) if refit is not None else None
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
@@ -232,6 +234,25 @@ def _warn_unless_broadcast(particles):
             f"the model runs on one draw at a time only ({particles.reason}); fit takes its {particles.num} particles "
             "one after another, about as many times slower. Pass num_particles=... to fit to trade noise for speed."
         )
+
+
+def _warn_about_nested_locals(guide):
+    """A warning for each guide inside ``guide`` (an ``AutoGuideList``'s part) with local posteriors
+    on a subsampled plate: the control variate, the items' refits and the end checks are the methods
+    of the guide ``fit`` is given, and run the part's own model, which does not see the other parts'
+    values; its items' rows are stepped alone, as they were before any of them."""
+    if not isinstance(guide, torch.nn.Module) or hasattr(guide, "refit_items"):
+        return
+    for name, part in guide.named_modules():
+        local = getattr(part, "locals", None)
+        if hasattr(part, "refit_items") and local is not None and local.subsampled:
+            warnings.warn(
+                f"fit steps the local posteriors of {list(local.names)} (the guide's part {name!r}) on subsamples without the "
+                "control variate, the items' refits or the check of their convergence, which apply to an AutoFlow fit on "
+                "its own: where the likelihood is not Gaussian in the items the globals can end a posterior sd off (20,000 "
+                "Poisson groups in subsamples of 64: 0.8-1.5 sds) and nothing will say so. Fit with that AutoFlow as the "
+                "whole guide, or check against a full-batch fit."
+            )
 
 
 def _warn_about_untrained(guide, params):

@@ -23,9 +23,9 @@ one (Khan & Lin, AISTATS 2017), exact in one iteration for a Gaussian likelihood
 :math:`q_\theta` are a quadrature per item (2d + 1 points, exact for polynomials of degree 3 in each of
 its d coordinates, so a conjugate item's rows do not move and take no noise), over a fixed set of the
 globals' draws. In a data-parallel fit each rank refits the items it owns and the ranks exchange
-the rows (:class:`~vi_flows.data_parallel.Shard`). It applies to per-item tables without a local flow, every local prior Gaussian in
-unconstrained space and following the globals alone (a local site whose prior reads another local
-site is left to the steps).
+the rows (:class:`~vi_flows.data_parallel.Shard`). It applies to per-item tables without a local
+flow, every local prior Gaussian in unconstrained space and following the globals alone (a local
+site whose prior reads another local site is left to the steps).
 """
 
 import math
