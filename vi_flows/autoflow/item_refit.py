@@ -251,7 +251,7 @@ def _rows(posterior, name, indices):
             rows.append(table.detach().clone())
             continue
         ((plate, index),) = indices.items()
-        rows.append(table.detach().index_select(table.dim() + posterior.subsampled[plate].dim - posterior.event_dims[name], index))
+        rows.append(table.detach().index_select(table.dim() + posterior.subsampled[plate].dim - posterior.event_dims[name], index.to(table.device)))
     return tuple(rows)
 
 

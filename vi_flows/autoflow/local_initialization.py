@@ -145,7 +145,7 @@ def write_rows(posterior, name, indices, loc, precision):
             continue
         ((plate, index),) = indices.items()
         dim = table.dim() + posterior.subsampled[plate].dim - posterior.event_dims[name]
-        table.index_copy_(dim, index, value.expand(table.shape[:dim] + (len(index),) + table.shape[dim + 1 :]))
+        table.index_copy_(dim, index.to(table.device), value.expand(table.shape[:dim] + (len(index),) + table.shape[dim + 1 :]))
 
 
 def _fit_encoders(posterior, rows):
