@@ -4,10 +4,13 @@ per rank, the per-item guide, one particle, the step as ``fit`` takes it, eager 
 the seconds of a refresh between runs of steps (every item's rows refitted, the control variate's
 slopes taken), which the ranks split.
 
-    python benchmarks/data_parallel.py [N] [steps]     # default 100000 groups, 500 timed steps
+    python benchmarks/data_parallel.py [N] [steps] [layouts]   # default 100000 groups, 500 timed steps,
+                                                                # layouts one,shared,own
 
-Each configuration runs in its own processes; "1 process" is the plain single-process step (no
-process group), "2 ranks" each step on their own half of the groups and all-reduce the gradient.
+Each configuration runs in its own processes; "one" is the plain single-process step (no process
+group), "shared" two ranks holding every group, each stepping on its own half and all-reducing the
+gradient, "own" two ranks each holding only its half (``data_parallel="own-data"``; the halves
+drawn with the rank as the seed, as a rank would load its shard of a dataset).
 """
 
 import itertools
@@ -31,16 +34,20 @@ from vi_flows.pyro_internals import max_plate_nesting
 WARMUP_STEPS = 50
 
 
-def one_rank(num_groups, steps, compile, folder):
+def one_rank(num_groups, steps, compile, layout, folder):
     torch.set_num_threads(1)
     parallel = "WORLD_SIZE" in os.environ
     pyro.set_rng_seed(0)
-    model = make_model(num_groups)
+    if layout == "own":
+        model = make_model(num_groups // int(os.environ["WORLD_SIZE"]), seed=int(os.environ["RANK"]))
+    else:
+        model = make_model(num_groups)
     guide = AutoFlow(model, local="per-item")
     nesting = max_plate_nesting(model, guide)
     if parallel:
         dist.init_process_group("gloo")
-    step = ELBOStep(model, guide, num_particles=1, max_plate_nesting=nesting, threads=1, compile=compile, data_parallel=parallel)
+    data_parallel = "own-data" if layout == "own" else parallel
+    step = ELBOStep(model, guide, num_particles=1, max_plate_nesting=nesting, threads=1, compile=compile, data_parallel=data_parallel)
     if parallel:
         pyro.set_rng_seed(dist.get_rank())
     world = dist.get_world_size() if parallel else 1
@@ -62,21 +69,22 @@ def one_rank(num_groups, steps, compile, folder):
         dist.destroy_process_group()
 
 
-def main(num_groups=100_000, steps=500):
+def main(num_groups=100_000, steps=500, layouts="one,shared,own"):
     here = os.path.abspath(__file__)
-    launches = ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
-    for compile, launch in itertools.product(("eager", "compiled"), launches):
+    ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    launches = {"one": [sys.executable], "shared": ranks, "own": ranks}
+    for compile, layout in itertools.product(("eager", "compiled"), layouts.split(",")):
         with tempfile.TemporaryDirectory() as folder:
-            subprocess.run([*launch, here, "_rank", str(num_groups), str(steps), compile, folder], capture_output=True, check=True)
+            subprocess.run([*launches[layout], here, "_rank", str(num_groups), str(steps), compile, layout, folder], capture_output=True, check=True)
             for name in sorted(os.listdir(folder)):
                 with open(os.path.join(folder, name)) as file:
                     row = json.load(file)
-                print(f"N={num_groups}, {compile}: {row['ranks']} rank(s), rank {row['rank']}: {row['ms_per_step']:.2f} ms/step, "
+                print(f"N={num_groups}, {compile}, {layout}: {row['ranks']} rank(s), rank {row['rank']}: {row['ms_per_step']:.2f} ms/step, "
                       f"{row['items_per_second']:.0f} items/s, peak {row['peak_mb']:.0f} MB, refresh {row['refresh_s']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_rank"]:
-        one_rank(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "compiled", sys.argv[5])
+        one_rank(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "compiled", sys.argv[5], sys.argv[6])
     else:
-        main(*(int(value) for value in sys.argv[1:3]))
+        main(*(int(value) for value in sys.argv[1:3]), *sys.argv[3:4])

@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, ROW_OFFSET, gradient_step, refreshed_step
+from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, REGRESSION_SUBSAMPLES, ROW_OFFSET, gradient_step, refreshed_step, regression_data, regression_step
 from test_local import closed_form, grouped_data
 from vi_flows import AutoFlow, to_inference_data
 from vi_flows.data_parallel import ShardedSubsamples
@@ -72,6 +72,41 @@ def test_each_rank_refits_and_takes_the_slopes_of_its_own_items_and_shares_them(
             torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rank_result["slopes"], step.control_variate.slopes, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rank_result["total"], step.control_variate.total, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_holding_their_own_data_step_as_one_process_on_all_of_it(tmp_path, fresh_param_store):
+    """Each rank holds half of the items and weighs its subsample's twice: the ranks' mean loss and
+    gradient at the same draws are one process's on both subsamples of all the items."""
+    ranks = run_ranks("own-data-gradient", tmp_path / "own")
+    x, y = regression_data()
+    union = torch.cat([2 * torch.tensor(REGRESSION_SUBSAMPLES[0]), 2 * torch.tensor(REGRESSION_SUBSAMPLES[1]) + 1])
+    step, _ = regression_step(x, y, union, start=ranks[0][0])
+    loss = step.loss()
+    loss.backward()
+    for _, rank_loss, rank_gradients in ranks:
+        torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-5, atol=1e-5)
+        for got, param in zip(rank_gradients, step.params):
+            torch.testing.assert_close(got, param.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ranks_holding_their_own_data_fit_the_closed_form(tmp_path):
+    """Issue 19's criterion again, each rank holding only its half of the groups and their tables:
+    the ranks end with the same globals, and each with its own groups' posteriors."""
+    ranks = run_ranks("own-data-fit", tmp_path / "own-fit")
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["compiled"], ranks[0]["compile_failure"]
+    tables = [name for name in ranks[0]["state"] if ".pseudo_observations." in name]
+    assert tables and all(ranks[rank]["state"][name].numel() == FIT_ITEMS // 2 for name in tables for rank in range(2))
+    for name in set(ranks[0]["state"]) - set(tables):
+        torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
+    exact = closed_form(grouped_data(FIT_ITEMS))
+    for rank, fitted in enumerate(ranks):
+        for name, (mean, sd) in exact.items():
+            mean = mean if name == "mu" else mean[rank::2]  # sd: the same for every group
+            got_mean, got_sd = fitted["moments"][name]
+            assert ((got_mean - mean) / sd).abs().max() < 0.1, (rank, name)
+            assert ((got_sd / sd) - 1).abs().max() < 0.1, (rank, name)
 
 
 @pytest.mark.slow

@@ -43,6 +43,8 @@ class LinearControlVariate:
         self.anchor = torch.zeros_like(like)
         self.slopes = like.new_zeros(num_items, like.numel())
         self.total = torch.zeros_like(like)
+        # How many times the items' terms count: a data-parallel rank holding its own items, world_size.
+        self.weight = 1
 
     @torch.no_grad()
     def refresh(self, shard=None):
@@ -60,7 +62,8 @@ class LinearControlVariate:
         """``G . (theta - theta_0) - N/B sum_B g_i . (theta - theta_0)`` per draw of ``latent``
         (``(..., D)``) with the subsample ``indices``: zero in expectation over subsamples."""
         subsample = self.slopes.index_select(0, indices).sum(0) * (self.num_items / len(indices))
-        return (latent.reshape(-1, self.anchor.numel()) - self.anchor) @ (self.total - subsample)
+        term = (latent.reshape(-1, self.anchor.numel()) - self.anchor) @ (self.total - subsample)
+        return term if self.weight == 1 else self.weight * term
 
     def reads(self):
         """A handler that records, in a run of guide and model, each draw of the latent and the

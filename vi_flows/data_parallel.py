@@ -12,12 +12,20 @@ and computes their slopes (:class:`Shard`), and the ranks exchange the results. 
 stopping rule and divergence guard read is the ranks' mean, so every rank stops, rolls back and
 cuts its rate at the same step.
 
+Where each rank's data are its own share of the items (``data_parallel="own-data"``: a rank's model
+holds only its items of every subsampled plate, as a rank that loads its shard of a dataset too
+large for one machine), a rank's subsamples are drawn from all of its plate, its per-item tables
+hold its items only and are never exchanged, and every site of a subsampled plate weighs
+``world_size`` times (:class:`ScaledItems`): the ranks' mean loss is again an unbiased estimate
+of the full ELBO, the globals' terms counted once.
+
 Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
 ``fit`` then starts the default process group (gloo on CPU, NCCL on a GPU) if the script has not,
 and ends it afterwards.
 """
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -29,12 +37,15 @@ from pyro.poutine.util import site_is_subsample
 from .subsampling import uniform_subsample
 
 
+OWN_DATA = "own-data"
+
+
 def requested(data_parallel):
-    """Whether ``fit``'s ``data_parallel`` (``True``, ``False`` or ``"auto"``) asks for it: ``"auto"``
-    where a process group of two or more ranks exists or ``torchrun`` started this process as one
-    of several."""
-    if data_parallel not in (True, False, "auto"):
-        raise ValueError(f"data_parallel must be True, False or 'auto', got {data_parallel!r}")
+    """What ``fit``'s ``data_parallel`` (``True``, ``False``, ``"auto"`` or ``"own-data"``) asks for:
+    ``"auto"`` is True where a process group of two or more ranks exists or ``torchrun`` started this
+    process as one of several."""
+    if data_parallel not in (True, False, "auto", OWN_DATA):
+        raise ValueError(f"data_parallel must be True, False, 'auto' or {OWN_DATA!r}, got {data_parallel!r}")
     if data_parallel == "auto":
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size() > 1
@@ -85,6 +96,18 @@ class ShardedSubsamples(Messenger):
         msg["value"] = self.rank + self.world_size * uniform_subsample(owned, fn.subsample_size, fn.device)
 
 
+class ScaledItems(Messenger):
+    """Every site of a subsampled plate (the scale of its subsample given) weighs ``factor`` times more."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def _pyro_sample(self, msg):
+        if not site_is_subsample(msg) and any(frame.full_size is not None and frame.full_size > frame.size for frame in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
 def rank():
     """This process's rank: the process group's, or ``torchrun``'s before one exists (0 alone)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
@@ -130,22 +153,30 @@ class Shard:
 
 class DataParallel:
     """What ``fit``'s steps do across the ranks of the default process group (see the module's
-    docstring), for the trained tensors ``params`` of which ``tables`` are per-item tables."""
+    docstring), for the trained tensors ``params`` of which ``tables`` are per-item tables; with
+    ``own_data``, each rank's model holding its own items."""
 
-    def __init__(self, params, tables):
+    def __init__(self, params, tables, own_data=False):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         table_ids = {id(table) for table in tables}
         self.params = list(params)
         self.is_table = [id(param) in table_ids for param in params]
         self.tables = [param for param in params if id(param) in table_ids]
-        self.subsamples = ShardedSubsamples(self.rank, self.world_size)
-        self.shard = Shard(self.rank, self.world_size)
+        self.own_data = own_data
+        self.shard = None if own_data else Shard(self.rank, self.world_size)
+
+    def wrap(self, fn):
+        """The model or guide ``fn`` as this rank runs it: on its shard of the items, or with its own
+        items weighing ``world_size`` times."""
+        return ScaledItems(self.world_size)(fn) if self.own_data else ShardedSubsamples(self.rank, self.world_size)(fn)
 
     @torch.no_grad()
     def broadcast(self, tensors):
-        """Give every rank rank 0's ``tensors`` (the start: random initialisations differ by rank)."""
+        """Give every rank rank 0's ``tensors`` (the start: random initialisations differ by rank),
+        but for the tables of a rank's own items."""
         for tensor in tensors:
-            dist.broadcast(tensor, src=0)
+            if not (self.own_data and any(tensor is table for table in self.tables)):
+                dist.broadcast(tensor, src=0)
 
     @torch.no_grad()
     def average(self, loss, gradients):
@@ -163,11 +194,35 @@ class DataParallel:
         return mean_loss.reshape(()), averaged
 
     @torch.no_grad()
+    def combine_noise(self, noise):
+        """The noise of the ranks' mean step in each global, in posterior sds, from this rank's step's
+        ``noise``: the mean of ``world_size`` steps on the shared items, or the root of the sum of
+        the ranks' squares where each holds its own items (weighing ``world_size`` times)."""
+        if not self.own_data:
+            return noise / math.sqrt(self.world_size)
+        return self._sum(noise.pow(2)).sqrt()
+
+    @torch.no_grad()
+    def combine_shift(self, shift):
+        """The globals' shift were every item's rows refitted, from this rank's: each rank measures
+        all of the shared items, or the ranks' shifts add where each holds its own (the shift is
+        linear in the change of the items' slopes)."""
+        return self._sum(shift) if self.own_data else shift
+
+    def _sum(self, tensor):
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    @torch.no_grad()
     def gather_tables(self, optimizer):
         """Give every rank each table element from the rank whose steps moved it: the fitted guide,
         whole, on every rank. Lazy Adam (:mod:`~vi_flows.item_steps`) leaves an element's second
         moment (``optimizer``'s state) at zero until a step with its item moves it, and moves only
-        this rank's items; the elements no rank moved are the same on all."""
+        this rank's items; the elements no rank moved are the same on all. Ranks holding their own
+        data keep their own tables."""
+        if self.own_data:
+            return
         for table in self.tables:
             state = optimizer.state.get(table, {})
             moved = state["exp_avg_sq"] > 0 if "exp_avg_sq" in state else torch.zeros_like(table, dtype=torch.bool)

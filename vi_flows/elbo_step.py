@@ -12,7 +12,7 @@ from pyro.infer import Trace_ELBO
 from .clipping import clip_gradient
 from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
 from .compiled_step import CompiledAdamStep
-from .data_parallel import DataParallel
+from .data_parallel import OWN_DATA, DataParallel
 from .item_steps import lazy_adam_step
 from .messages import first_line
 from .particles import choose
@@ -78,15 +78,18 @@ class ELBOStep:
         self.tables = _item_tables(guide, self.params)
         self.parallel = None
         if data_parallel:  # rank 0's start, this rank's subsamples
-            self.parallel = DataParallel(self.params, self.tables)
+            self.parallel = DataParallel(self.params, self.tables, own_data=data_parallel == OWN_DATA)
             buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
             self.parallel.broadcast([*self.params, *buffers])
-            guide = self.parallel.subsamples(guide)
+            guide = self.parallel.wrap(guide)
+            model = self.parallel.wrap(model) if self.parallel.own_data else model  # else it replays the guide's subsamples
         if self.subsampled:  # large plates draw their subsamples in O(B) (vi_flows.subsampling)
             guide = FastSubsamples()(guide)
         # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
         self.control_variate = _control_variate(user_guide, control_variate, possible, self.shard, args, kwargs)
+        if self.control_variate is not None and self.parallel is not None and self.parallel.own_data:
+            self.control_variate.weight = self.parallel.world_size  # as the rank's items weigh
         if self.subsampled:
             _warn_about_nested_locals(user_guide)
         refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None

@@ -154,7 +154,9 @@ def fit(
     ``data_parallel`` (``True``, ``False`` or ``"auto"``: where ``torchrun`` started this process as
     one of several, or a process group of several ranks exists) fits as one rank of several
     (:mod:`~vi_flows.data_parallel`): each draws its subsamples from its own shard of the items, the
-    ranks average their gradients and losses, and every rank ends with the whole fitted guide.
+    ranks average their gradients and losses, and every rank ends with the whole fitted guide. With
+    ``"own-data"`` each rank's model holds only its own items of every subsampled plate (its shard
+    of a dataset, loaded by the rank): the ranks share the globals and each keeps its items' posteriors.
     Without a process group, ``fit`` starts one from ``torchrun``'s environment and ends it after.
     Only rank 0 shows progress.
     """
@@ -197,9 +199,9 @@ def fit(
         if parallel:
             step_once.parallel.gather_tables(step_once.optimizer)
         if step_once.subsampled:
-            world_size = step_once.parallel.world_size if parallel else 1
-            result.subsample_noise = check_subsample_noise(guide, step_once.control_variate, world_size, *args, **kwargs)
-            result.item_shift = check_item_shift(guide, *args, shard=step_once.shard, **kwargs)
+            ranks_noise, ranks_shift = (step_once.parallel.combine_noise, step_once.parallel.combine_shift) if parallel else (None, None)
+            result.subsample_noise = check_subsample_noise(guide, step_once.control_variate, *args, combine=ranks_noise, **kwargs)
+            result.item_shift = check_item_shift(guide, *args, shard=step_once.shard, combine=ranks_shift, **kwargs)
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:

@@ -18,14 +18,14 @@ MAX_SUBSAMPLE_NOISE = 10.0
 MAX_ITEM_SHIFT = 0.1
 
 
-def check_subsample_noise(guide, control_variate, world_size, *args, **kwargs):
+def check_subsample_noise(guide, control_variate, *args, combine=None, **kwargs):
     """The largest noise of a step's slope in a global, in posterior sds, of a guide that measures it
-    (``subsample_noise``, with the step's ``control_variate``; the ranks' mean of ``world_size``),
-    with a warning above ``MAX_SUBSAMPLE_NOISE``."""
+    (``subsample_noise``, with the step's ``control_variate``; data-parallel, ``combine`` maps this
+    rank's noise to the ranks' mean step's), with a warning above ``MAX_SUBSAMPLE_NOISE``."""
     noise = _measure(guide, "subsample_noise", "the subsample's noise in the globals", *args, control_variate=control_variate, **kwargs)
     if not isinstance(noise, dict):
         return noise
-    site, worst = _worst(noise, 1 / math.sqrt(world_size))
+    site, worst = _worst(noise, combine)
     if worst > MAX_SUBSAMPLE_NOISE and rank() == 0:  # data-parallel, every rank measures the same
         warnings.warn(
             f"each step's subsample moves the slope in {site!r} by about {worst:.0f} of its posterior sds (the noise grows "
@@ -35,14 +35,14 @@ def check_subsample_noise(guide, control_variate, world_size, *args, **kwargs):
     return worst
 
 
-def check_item_shift(guide, *args, shard=None, **kwargs):
+def check_item_shift(guide, *args, shard=None, combine=None, **kwargs):
     """The largest shift of a global, in posterior sds, were every item's rows refitted, of a guide
-    that measures it (``item_shift``; data-parallel, each rank its ``shard``'s items), with a warning
-    above ``MAX_ITEM_SHIFT``."""
+    that measures it (``item_shift``; data-parallel, each rank refitting its ``shard``'s items, and
+    ``combine`` mapping this rank's shift to the ranks'), with a warning above ``MAX_ITEM_SHIFT``."""
     shift = _measure(guide, "item_shift", "how far the items' rows are from their optimum", *args, shard=shard, **kwargs)
     if not isinstance(shift, dict):
         return shift
-    site, worst = _worst({name: value.abs() for name, value in shift.items()})
+    site, worst = _worst(shift, lambda value: (combine(value) if combine is not None else value).abs())
     if worst > MAX_ITEM_SHIFT and rank() == 0:
         warnings.warn(
             f"the items' per-item rows have not converged: refitted to their optimum, they would move {site!r} by about "
@@ -64,6 +64,7 @@ def _measure(guide, method, what, *args, **kwargs):
     return found or 0.0
 
 
-def _worst(values, factor=1.0):
-    """``(site, largest value times factor)`` of ``{site: tensor}``."""
-    return max(((name, value.max().item() * factor) for name, value in values.items()), key=lambda pair: pair[1])
+def _worst(values, combine=None):
+    """``(site, largest value)`` of ``{site: tensor}``, each tensor mapped by ``combine`` first."""
+    combine = combine if combine is not None else (lambda value: value)
+    return max(((name, combine(value).max().item()) for name, value in values.items()), key=lambda pair: pair[1])
