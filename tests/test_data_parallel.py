@@ -89,6 +89,12 @@ def test_ranks_holding_their_own_data_step_as_one_process_on_all_of_it(tmp_path,
             torch.testing.assert_close(got, param.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_ranks_holding_their_own_data_need_a_subsampled_plate(fresh_param_store):
+    x, y = regression_data()
+    with pytest.raises(ValueError, match="this model subsamples no plate: give the plate of each rank's items a subsample_size"):
+        regression_step(x, y, None, data_parallel="own-data")
+
+
 @pytest.mark.slow
 def test_ranks_holding_their_own_data_fit_the_closed_form(tmp_path):
     """Issue 19's criterion again, each rank holding only its half of the groups and their tables:

@@ -97,7 +97,7 @@ class ShardedSubsamples(Messenger):
 
 
 class ScaledItems(Messenger):
-    """Every site of a subsampled plate (the scale of its subsample given) weighs ``factor`` times more."""
+    """Every site in a subsampled plate weighs ``factor`` times more (on top of the plate's N / B)."""
 
     def __init__(self, factor):
         super().__init__()

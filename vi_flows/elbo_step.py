@@ -77,6 +77,11 @@ class ELBOStep:
         self.num_threads = self._threads(threads)
         self.tables = _item_tables(guide, self.params)
         self.parallel = None
+        if data_parallel == OWN_DATA and not self.subsampled:
+            raise ValueError(
+                "data_parallel='own-data' weighs each rank's items of its subsampled plates as the share of the data they "
+                "are, and this model subsamples no plate: give the plate of each rank's items a subsample_size"
+            )
         if data_parallel:  # rank 0's start, this rank's subsamples
             self.parallel = DataParallel(self.params, self.tables, own_data=data_parallel == OWN_DATA)
             buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
