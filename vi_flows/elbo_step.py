@@ -7,6 +7,7 @@ import warnings
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from .clipping import clip_gradient
@@ -77,7 +78,7 @@ class ELBOStep:
         self.num_threads = self._threads(threads)
         self.tables = _item_tables(guide, self.params)
         self.parallel = None
-        if data_parallel == OWN_DATA and not self.subsampled:
+        if data_parallel == OWN_DATA and not _model_subsamples(model, guide, args, kwargs):
             raise ValueError(
                 "data_parallel='own-data' weighs each rank's items of its subsampled plates as the share of the data they "
                 "are, and this model subsamples no plate: give the plate of each rank's items a subsample_size"
@@ -242,6 +243,14 @@ def _warn_unless_broadcast(particles):
             f"the model runs on one draw at a time only ({particles.reason}); fit takes its {particles.num} particles "
             "one after another, about as many times slower. Pass num_particles=... to fit to trade noise for speed."
         )
+
+
+def _model_subsamples(model, guide, args, kwargs):
+    """Whether ``model``, replaying a draw of ``guide`` (the caller's random state kept), reads a
+    subsample of a plate."""
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        return is_subsampled(poutine.replay(model, trace=guide_trace), *args, **kwargs)
 
 
 def _warn_about_nested_locals(guide):
