@@ -78,24 +78,13 @@ class ELBOStep:
         self.num_threads = self._threads(threads)
         self.tables = _item_tables(guide, self.params)
         self.parallel = None
-        if data_parallel == OWN_DATA and not _model_subsamples(model, guide, args, kwargs):
-            raise ValueError(
-                "data_parallel='own-data' weighs each rank's items of its subsampled plates as the share of the data they "
-                "are, and this model subsamples no plate: give the plate of each rank's items a subsample_size"
-            )
-        if data_parallel:  # rank 0's start, this rank's subsamples
-            self.parallel = DataParallel(self.params, self.tables, own_data=data_parallel == OWN_DATA)
-            buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
-            self.parallel.broadcast([*self.params, *buffers])
-            guide = self.parallel.wrap(guide)
-            model = self.parallel.wrap(model) if self.parallel.own_data else model  # else it replays the guide's subsamples
+        if data_parallel:
+            model, guide = self._join_ranks(model, guide, data_parallel, args, kwargs)
         if self.subsampled:  # large plates draw their subsamples in O(B) (vi_flows.subsampling)
             guide = FastSubsamples()(guide)
         # Its terms pair each draw with the guide's subsample: vmap's model runs draw their own.
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
-        self.control_variate = _control_variate(user_guide, control_variate, possible, self.shard, args, kwargs)
-        if self.control_variate is not None and self.parallel is not None and self.parallel.own_data:
-            self.control_variate.weight = self.parallel.world_size  # as the rank's items weigh
+        self.control_variate = _control_variate(user_guide, control_variate, possible, self.parallel, args, kwargs)
         if self.subsampled:
             _warn_about_nested_locals(user_guide)
         refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None
@@ -115,6 +104,21 @@ class ELBOStep:
                     raise
                 self.compile_failure = str(failure)
             self.compile_seconds = time.perf_counter() - start
+
+    def _join_ranks(self, model, guide, data_parallel, args, kwargs):
+        """Set up this rank's part of a data-parallel fit, from rank 0's start; the model and guide
+        as this rank runs them."""
+        own_data = data_parallel == OWN_DATA
+        if own_data and not _model_subsamples(model, guide, args, kwargs):
+            raise ValueError(
+                "data_parallel='own-data' weighs each rank's items of its subsampled plates as the share of the data they "
+                "are, and this model subsamples no plate: give the plate of each rank's items a subsample_size"
+            )
+        self.parallel = DataParallel(self.params, self.tables, own_data=own_data)
+        buffers = list(guide.buffers()) if isinstance(guide, torch.nn.Module) else []
+        self.parallel.broadcast([*self.params, *buffers])
+        # Sharing the data, the model replays the guide's subsamples; holding its own, its items weigh more too.
+        return (self.parallel.wrap(model) if own_data else model), self.parallel.wrap(guide)
 
     def _compile(self, model, guide, args, kwargs, sticking_the_landing):
         """The whole step traced, compiled and run once on copies of its inputs."""
@@ -186,10 +190,11 @@ class ELBOStep:
         return loss.item()
 
 
-def _control_variate(guide, wanted, possible, shard, args, kwargs):
+def _control_variate(guide, wanted, possible, parallel, args, kwargs):
     """The guide's control variate for the subsample's noise (:mod:`~vi_flows.control_variates`),
-    anchored, where ``wanted`` and ``possible`` (a subsampled step of reparameterised draws) and the
-    guide offers one (``guide.control_variate``); else None, or with ``wanted=True`` an error."""
+    anchored (each rank its share, ``parallel``), where ``wanted`` and ``possible`` (a subsampled step
+    of reparameterised draws) and the guide offers one (``guide.control_variate``); else None, or
+    with ``wanted=True`` an error."""
     offer = getattr(guide, "control_variate", None)
     control_variate = offer(*args, **kwargs) if wanted and possible and offer is not None else None
     if control_variate is None and wanted is True:
@@ -199,8 +204,10 @@ def _control_variate(guide, wanted, possible, shard, args, kwargs):
         )
     if control_variate is None:
         return None
+    if parallel is not None and parallel.own_data:
+        control_variate.weight = parallel.world_size  # as the rank's items weigh
     try:
-        control_variate.refresh(shard)
+        control_variate.refresh(parallel.shard if parallel is not None else None)
     except (RuntimeError, NotImplementedError) as failure:  # the items' slopes need second derivatives
         if wanted is True:
             raise
