@@ -126,7 +126,8 @@ def fitted_moments(out, data=None, data_parallel="auto"):
     )
     draws = sample_constrained(guide, 4000, data, FIT_SUBSAMPLE)
     moments = {name: (value.double().mean(0), value.double().std(0)) for name, value in draws.items()}
-    saved = {"moments": moments, "losses": result.losses, "state": guide.state_dict(), "compiled": result.compiled, "compile_failure": result.compile_failure}
+    saved = {"moments": moments, "losses": result.losses, "state": guide.state_dict(), "compiled": result.compiled, "compile_failure": result.compile_failure,
+             "checks": (result.subsample_noise, result.item_shift)}
     torch.save(saved, f"{out}.{os.environ['RANK']}")
 
 

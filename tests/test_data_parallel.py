@@ -106,6 +106,8 @@ def test_ranks_holding_their_own_data_fit_the_closed_form(tmp_path):
     assert tables and all(ranks[rank]["state"][name].numel() == FIT_ITEMS // 2 for name in tables for rank in range(2))
     for name in set(ranks[0]["state"]) - set(tables):
         torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
+    # The end checks combine the ranks' (noise: root of the sum of squares; shift: the sum): one answer.
+    assert ranks[0]["checks"] == ranks[1]["checks"] and all(0 <= value < 1 for value in ranks[0]["checks"])
     exact = closed_form(grouped_data(FIT_ITEMS))
     for rank, fitted in enumerate(ranks):
         for name, (mean, sd) in exact.items():
@@ -124,6 +126,8 @@ def test_a_two_process_fit_matches_the_closed_form_on_every_rank(tmp_path):
         torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
     assert ranks[0]["losses"] == ranks[1]["losses"]
     assert ranks[0]["compiled"], ranks[0]["compile_failure"]
+    # Each rank checks the whole guide, from its own random draws: the same answer but for their noise.
+    torch.testing.assert_close(torch.tensor(ranks[0]["checks"]), torch.tensor(ranks[1]["checks"]), rtol=0, atol=1e-3)
     for name, (mean, sd) in closed_form(grouped_data(FIT_ITEMS)).items():
         got_mean, got_sd = ranks[0]["moments"][name]
         assert ((got_mean - mean) / sd).abs().max() < 0.1, name
