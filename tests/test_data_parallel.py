@@ -12,7 +12,7 @@ import torch
 from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, REGRESSION_SUBSAMPLES, ROW_OFFSET, gradient_step, refreshed_step, regression_data, regression_step
 from test_local import closed_form, grouped_data
 from vi_flows import AutoFlow, to_inference_data
-from vi_flows.data_parallel import ShardedSubsamples
+from vi_flows.data_parallel import Shard, ShardedSubsamples
 from vi_flows.zoo import load_model
 
 WORKER = Path(__file__).parent / "data_parallel_worker.py"
@@ -28,15 +28,15 @@ def run_ranks(mode, out, ranks=2):
 def test_sharded_subsamples_draw_each_ranks_own_items():
     seen = []
     for rank in range(3):
-        with ShardedSubsamples(rank, 3), pyro.plate("items", 30, subsample_size=4) as index:
+        with ShardedSubsamples(Shard(rank, 3)), pyro.plate("items", 30, subsample_size=4) as index:
             seen.append(index)
         assert (index % 3 == rank).all() and len(index.unique()) == 4
     # A large shard is drawn in O(B) (vi_flows.subsampling): still the rank's own items, distinct, in range.
     for rank in range(3):
-        with ShardedSubsamples(rank, 3), pyro.plate("items", 3 * 64 * 64 + 1, subsample_size=64) as index:
+        with ShardedSubsamples(Shard(rank, 3)), pyro.plate("items", 3 * 64 * 64 + 1, subsample_size=64) as index:
             assert (index % 3 == rank).all() and len(index.unique()) == 64 and 0 <= index.min() and index.max() <= 3 * 64 * 64
     with pytest.raises(ValueError, match="at most 10 per rank"):
-        with ShardedSubsamples(0, 3), pyro.plate("items", 30, subsample_size=11):
+        with ShardedSubsamples(Shard(0, 3)), pyro.plate("items", 30, subsample_size=11):
             pass
 
 
@@ -50,7 +50,7 @@ def test_the_all_reduced_gradient_is_the_mean_of_the_ranks_gradients(tmp_path, f
     per_rank = []
     for rank in range(2):
         pyro.set_rng_seed(rank)
-        with ShardedSubsamples(rank, 2):
+        with ShardedSubsamples(Shard(rank, 2)):
             loss = step.loss()
         per_rank.append(torch.autograd.grad(loss, shared, allow_unused=True))
     expected = [(a if a is not None else 0) + (b if b is not None else 0) for a, b in zip(*per_rank)]

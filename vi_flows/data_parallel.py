@@ -74,26 +74,68 @@ def process_group(device):
         dist.destroy_process_group()
 
 
-class ShardedSubsamples(Messenger):
-    """Every subsampled plate draws its subsample from this rank's items (``i % world_size == rank``);
-    a subsample the program gives (``subsample=``, or a replayed trace's) is kept."""
+@dataclass(frozen=True)
+class Shard:
+    """The items ``i % world_size == rank`` of a subsampled plate, which rank ``rank`` owns: where its
+    steps draw their subsamples (:class:`ShardedSubsamples`), and its share of the work between runs
+    of steps (the items' refits and slopes)."""
 
-    def __init__(self, rank, world_size):
+    rank: int
+    world_size: int
+
+    def items(self, size, rank=None):
+        """This rank's (or ``rank``'s) items of a plate of ``size`` items, in order."""
+        return torch.arange(self.rank if rank is None else rank, size, self.world_size)
+
+    def count(self, size, rank=None):
+        """How many items of a plate of ``size`` items this rank (or ``rank``) owns."""
+        return len(range(self.rank if rank is None else rank, size, self.world_size))
+
+    @torch.no_grad()
+    def sum(self, tensor):
+        """``tensor`` summed over the ranks, in place."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    @torch.no_grad()
+    def max(self, tensor):
+        """``tensor``'s largest values over the ranks, in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    @torch.no_grad()
+    def gather(self, rows, dim, size):
+        """``[(items, rows)]`` of every rank, in rank order: its :meth:`items` of a plate of ``size`` items
+        and its ``rows`` of them, along dimension ``dim``."""
+        longest = self.count(size, 0)
+        padding = list(rows.shape)
+        padding[dim] = longest - rows.shape[dim]
+        padded = torch.cat([rows, rows.new_zeros(padding)], dim).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return [(self.items(size, rank), part.narrow(dim, 0, self.count(size, rank))) for rank, part in enumerate(parts)]
+
+
+class ShardedSubsamples(Messenger):
+    """Every subsampled plate draws its subsample from the items of ``shard`` (a :class:`Shard`); a
+    subsample the program gives (``subsample=``, or a replayed trace's) is kept."""
+
+    def __init__(self, shard):
         super().__init__()
-        self.rank, self.world_size = rank, world_size
+        self.shard = shard
 
     def _pyro_sample(self, msg):
         fn = msg["fn"]
         if not site_is_subsample(msg) or msg["value"] is not None or fn.subsample_size is None or fn.subsample_size >= fn.size:
             return
-        owned = len(range(self.rank, fn.size, self.world_size))
+        owned = self.shard.count(fn.size)
         if fn.subsample_size > owned:
             raise ValueError(
-                f"plate {msg['name']!r} draws {fn.subsample_size} of {fn.size} items per step, and each of {self.world_size} "
+                f"plate {msg['name']!r} draws {fn.subsample_size} of {fn.size} items per step, and each of {self.shard.world_size} "
                 f"ranks owns {owned}: use a subsample size of at most {owned} per rank"
             )
         # The shard's k-th item is rank + k * world_size: drawn in O(B) where the shard is large.
-        msg["value"] = self.rank + self.world_size * uniform_subsample(owned, fn.subsample_size, fn.device)
+        msg["value"] = self.shard.rank + self.shard.world_size * uniform_subsample(owned, fn.subsample_size, fn.device)
 
 
 class ScaledItems(Messenger):
@@ -113,44 +155,6 @@ def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-@dataclass(frozen=True)
-class Shard:
-    """The items ``i % world_size == rank`` of a subsampled plate, which rank ``rank`` owns: its share
-    of the work between runs of steps (the items' refits and slopes)."""
-
-    rank: int
-    world_size: int
-
-    def items(self, size, rank=None):
-        """This rank's (or ``rank``'s) items of a plate of ``size`` items, in order."""
-        return torch.arange(self.rank if rank is None else rank, size, self.world_size)
-
-    @torch.no_grad()
-    def sum(self, tensor):
-        """``tensor`` summed over the ranks, in place."""
-        dist.all_reduce(tensor)
-        return tensor
-
-    @torch.no_grad()
-    def max(self, tensor):
-        """``tensor``'s largest values over the ranks, in place."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
-    @torch.no_grad()
-    def gather(self, rows, dim, size):
-        """``[(items, rows)]`` of every rank, in rank order: its :meth:`items` of a plate of ``size`` items
-        and its ``rows`` of them, along dimension ``dim``."""
-        longest = len(range(0, size, self.world_size))
-        padding = list(rows.shape)
-        padding[dim] = longest - rows.shape[dim]
-        padded = torch.cat([rows, rows.new_zeros(padding)], dim).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        items = [self.items(size, rank) for rank in range(self.world_size)]
-        return [(owned, part.narrow(dim, 0, len(owned))) for owned, part in zip(items, parts)]
-
-
 class DataParallel:
     """What ``fit``'s steps do across the ranks of the default process group (see the module's
     docstring), for the trained tensors ``params`` of which ``tables`` are per-item tables; with
@@ -168,7 +172,7 @@ class DataParallel:
     def wrap(self, fn):
         """The model or guide ``fn`` as this rank runs it: on its shard of the items, or with its own
         items weighing ``world_size`` times."""
-        return ScaledItems(self.world_size)(fn) if self.own_data else ShardedSubsamples(self.rank, self.world_size)(fn)
+        return ScaledItems(self.world_size)(fn) if self.own_data else ShardedSubsamples(self.shard)(fn)
 
     @torch.no_grad()
     def broadcast(self, tensors):

@@ -26,7 +26,7 @@ def check_subsample_noise(guide, control_variate, *args, combine=None, **kwargs)
     if not isinstance(noise, dict):
         return noise
     site, worst = _worst(noise, combine)
-    if worst > MAX_SUBSAMPLE_NOISE and rank() == 0:  # data-parallel, every rank measures the same
+    if worst > MAX_SUBSAMPLE_NOISE and rank() == 0:  # data-parallel, every rank measures about the same
         warnings.warn(
             f"each step's subsample moves the slope in {site!r} by about {worst:.0f} of its posterior sds (the noise grows "
             f"as sqrt(items / subsample size)); above {MAX_SUBSAMPLE_NOISE:.0f} the fitted globals can be off by tenths of "

@@ -8,16 +8,15 @@ from torch.distributions.transforms import ReshapeTransform
 from ..flows.conditional import ConditionalFlow
 from ..registry import build_flow
 
+# A per-item flow's context: a learned row per item, this wide (its parameters vary in a space this big).
+PER_ITEM_CONTEXT = 8
+
 
 def item_flow(site, spec, options, context_dim):
     """The flow ``spec`` (built with ``options``) on one item's coordinates of ``site``, conditioned
     on a context ``context_dim`` wide."""
     dim = max(_event_shape(site).numel(), 1)
     return ConditionalFlow(build_flow(spec, dim, **(options or {})), dim, context_dim)
-
-
-# A per-item flow's context: a learned row per item, this wide (its parameters vary in a space this big).
-PER_ITEM_CONTEXT = 8
 
 
 def on_item_vectors(flow, event_shape):
