@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .clipping import clip_gradient
 from .compiled_elbo import CompileError
-from .inductor import compile_graph
+from .compile_worker import Compilation
 from .item_steps import lazy_mask
 from .messages import first_line
 
@@ -34,13 +34,14 @@ class CompiledAdamStep:
     data-parallel averaging, :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with
     its gradient and the update, with ``reduce`` run eagerly between them.
 
-    Building it traces the graphs on fake tensors and compiles them: nothing runs, no random number
-    is drawn, ``params`` keep their values; a parameter without Adam state gets it, zero, as
+    Building it traces the graphs on fake tensors and compiles them (with ``in_background``, where
+    Inductor's cache lacks them, a worker process compiles them meanwhile and :meth:`finish` waits
+    for it: :mod:`~vi_flows.compile_worker`): nothing runs, no random number is drawn, ``params`` keep their values; a parameter without Adam state gets it, zero, as
     ``torch.optim.Adam`` would at its first step. :meth:`warm_up` runs the step once on copies of its
     inputs. Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 
-    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None):
+    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None, in_background=False):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
             raise ValueError("CompiledAdamStep takes plain Adam over one parameter group")
@@ -50,14 +51,22 @@ class CompiledAdamStep:
         apply = _adam_apply(lazy, *group["betas"], group["eps"], clip_norm, noise_clip)
         self._reduce = reduce
         examples = _example_inputs(params, self._lr)
-        compile = functools.partial(_compiled, backend=backend, num_threads=num_threads or torch.get_num_threads())
         count = len(params)
         if reduce is None:
-            self._graph = compile(_one_graph(loss_graph, apply, count), examples)
+            traced = [_traced(_one_graph(loss_graph, apply, count), examples)]
         else:
-            self._gradient_graph = compile(functools.partial(_flat_loss_and_gradients, loss_graph), examples[:count])
             gradients, indices = _example_gradients(loss_graph, params)
-            self._update_graph = compile(_update(loss_graph, apply, count), [*examples[:count], *gradients, *examples[count:], *indices])
+            traced = [
+                _traced(functools.partial(_flat_loss_and_gradients, loss_graph), examples[:count]),
+                _traced(_update(loss_graph, apply, count), [*examples[:count], *gradients, *examples[count:], *indices]),
+            ]
+        self._graphs = [graph for graph, _ in traced] if backend is None else None
+        self._compilation = None
+        if backend is not None:
+            try:
+                self._compilation = Compilation(traced, num_threads or torch.get_num_threads(), in_background)
+            except Exception as failure:  # the compilers raise many types; eager mode still works
+                raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
         for param in params:
             _init_adam_state(optimizer, param)
 
@@ -68,6 +77,26 @@ class CompiledAdamStep:
         averages = [state["exp_avg"] for state in states]
         squares = [state["exp_avg_sq"] for state in states]
         return states, (*self.params, *averages, *squares, states[0]["step"], self._lr)
+
+    @property
+    def in_background(self):
+        """Whether a worker process is still compiling the step (:mod:`~vi_flows.compile_worker`)."""
+        return self._compilation is not None and self._compilation.in_background
+
+    def finish(self):
+        """The compiled graphs, waiting for the worker compiling them if need be; CompileError where
+        compiling fails."""
+        if self._graphs is None:
+            try:
+                self._graphs = self._compilation.result()
+            except Exception as failure:  # the compilers raise many types; eager mode still works
+                raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
+        return self._graphs
+
+    def stop(self):
+        """Stop compiling in the background, if it still is (the step will not be used)."""
+        if self._compilation is not None:
+            self._compilation.stop()
 
     @torch.no_grad()
     def warm_up(self):
@@ -86,14 +115,16 @@ class CompiledAdamStep:
         return loss.item()
 
     def _run(self, inputs, reduce):
+        graphs = self._graphs if self._graphs is not None else self.finish()
         if self._reduce is None:
-            return self._graph(*inputs)
+            return graphs[0](*inputs)
+        gradient_graph, update_graph = graphs
         count = len(self.params)
-        loss, *gradients = self._gradient_graph(*inputs[:count])
+        loss, *gradients = gradient_graph(*inputs[:count])
         gradients, indices = gradients[:count], gradients[count:]
         if reduce:  # the tables' rows, this rank's own, are not averaged
             loss, gradients = self._reduce(loss, gradients)
-        self._update_graph(*inputs[:count], *gradients, *inputs[count:], *indices)
+        update_graph(*inputs[:count], *gradients, *inputs[count:], *indices)
         return loss
 
 
@@ -106,20 +137,14 @@ def _example_inputs(params, lr):
     return [*copies, *averages, *squares, step, lr.clone()]
 
 
-def _compiled(function, example_inputs, backend, num_threads):
-    """``function`` traced (``make_fx``, on fake tensors: nothing runs) and compiled with ``backend``
-    (None: the traced graph) for inputs shaped as ``example_inputs``."""
+def _traced(function, example_inputs):
+    """``function`` traced (``make_fx``, on fake tensors: nothing runs) for inputs shaped as
+    ``example_inputs``, and those inputs."""
     try:
         # Fake tensors: shapes only, so no random draw is taken from the fit's generator.
-        graph = make_fx(function, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
+        return make_fx(function, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs), example_inputs
     except Exception as failure:  # tracing raises many types; eager mode still works
         raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
-    if backend is None:
-        return graph
-    try:
-        return compile_graph(graph, example_inputs, num_threads)
-    except Exception as failure:  # the compilers raise many types; eager mode still works
-        raise CompileError(f"could not compile the ELBO ({first_line(failure)})") from failure
 
 
 def _init_adam_state(optimizer, param):

@@ -21,6 +21,13 @@ from .pyro_internals import trained_parameters
 from .subsampling import FastSubsamples
 from .threads import fastest_threads
 
+# With compile="auto" and nothing in Inductor's cache for the step, a worker process compiles it
+# (:mod:`~vi_flows.compile_worker`) while this many steps run eagerly, and the next waits for it:
+# a fixed step, whatever the clock says, so that such a fit takes the same steps on every cold
+# start. The default flow reaches KL 0.008 on the 10-D funnel by then (RESULTS.md, "Time to a good
+# posterior"), in 4-6 s of eager steps instead of the minute a cold compile takes.
+EAGER_STEPS_WHILE_COMPILING = 250
+
 
 class ELBOStep:
     """One optimisation step of ``fit``: the vectorised negative ELBO of ``model`` and ``guide``
@@ -40,7 +47,9 @@ class ELBOStep:
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
     update) runs as one compiled graph (:class:`~vi_flows.compiled_step.CompiledAdamStep`), raising
     :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
-    keeping the reason in ``compile_failure``. With ``data_parallel`` it is one rank's step of a
+    keeping the reason in ``compile_failure``, and where Inductor's cache lacks the step the first
+    ``EAGER_STEPS_WHILE_COMPILING`` steps run eagerly while a worker process compiles it
+    (``compiled_from_step`` says where the compiled steps began; :meth:`close` stops the worker). With ``data_parallel`` it is one rank's step of a
     data-parallel fit in the default process group (:mod:`~vi_flows.data_parallel`, ``parallel``).
     """
 
@@ -92,18 +101,10 @@ class ELBOStep:
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.optimizer = torch.optim.Adam(self.params, fused=True)  # one kernel for all parameters
         self.clip_norm = clip_norm
-        self.compiled, self.compile_failure, self.compile_seconds = False, "", 0.0
-        self._compiled_step = None
+        self.compiled, self.compile_failure, self.compile_seconds, self.compiled_from_step = False, "", 0.0, None
+        self._compiled_step, self._in_background, self._steps = None, None, 0
         if compile:
-            start = time.perf_counter()
-            try:
-                self._compiled_step = self._compile(model, guide, args, kwargs, sticking_the_landing)
-                self.compiled = True
-            except CompileError as failure:
-                if compile is True:
-                    raise
-                self.compile_failure = str(failure)
-            self.compile_seconds = time.perf_counter() - start
+            self._start_compiling(model, guide, args, kwargs, sticking_the_landing, compile)
 
     def _join_ranks(self, model, guide, data_parallel, args, kwargs):
         """Set up this rank's part of a data-parallel fit, from rank 0's start; the model and guide
@@ -120,15 +121,50 @@ class ELBOStep:
         # Sharing the data, the model replays the guide's subsamples; holding its own, its items weigh more too.
         return (self.parallel.wrap(model) if own_data else model), self.parallel.wrap(guide)
 
-    def _compile(self, model, guide, args, kwargs, sticking_the_landing):
-        """The whole step traced, compiled and run once on copies of its inputs."""
-        graph = trace_negative_elbo(
-            model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, item_tables=self.tables, **kwargs
-        )
-        reduce = self.parallel.average if self.parallel is not None else None
-        compiled_step = CompiledAdamStep(graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads)
+    def _start_compiling(self, model, guide, args, kwargs, sticking_the_landing, compile):
+        """Trace the whole step and compile it: here, or with ``compile="auto"`` where Inductor's
+        cache lacks it, in a worker process while the first steps run eagerly."""
+        start = time.perf_counter()
+        try:
+            with torch.random.fork_rng():  # tracing runs the loss; the steps draw what eager steps would
+                graph = trace_negative_elbo(
+                    model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, item_tables=self.tables, **kwargs
+                )
+            reduce = self.parallel.average if self.parallel is not None else None
+            compiled_step = CompiledAdamStep(
+                graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads, in_background=compile == "auto"
+            )
+            if compiled_step.in_background:
+                self._in_background = compiled_step
+            else:
+                self._switch_to(compiled_step)
+        except CompileError as failure:
+            if compile is True:
+                raise
+            self.compile_failure = str(failure)
+        self.compile_seconds += time.perf_counter() - start
+
+    def _collect(self):
+        """Wait for the step compiled in the background and switch to it; or, where compiling failed,
+        keep stepping eagerly and say why in ``compile_failure``."""
+        start = time.perf_counter()
+        compiled_step, self._in_background = self._in_background, None
+        try:
+            compiled_step.finish()
+            self._switch_to(compiled_step)
+        except CompileError as failure:
+            self.compile_failure = str(failure)
+        self.compile_seconds += time.perf_counter() - start
+
+    def _switch_to(self, compiled_step):
         compiled_step.warm_up()
-        return compiled_step
+        self._compiled_step, self.compiled, self.compiled_from_step = compiled_step, True, self._steps
+
+    def close(self):
+        """Stop compiling in the background, if a worker still is (the fit ended first)."""
+        if self._in_background is not None:
+            self._in_background.stop()
+            self._in_background = None
 
     def _loss(self, model, guide, args, kwargs, sticking_the_landing):
         """The loss of one step, a function of nothing."""
@@ -173,6 +209,9 @@ class ELBOStep:
 
     def __call__(self, lr):
         """Take one step at learning rate ``lr``; return the loss before it (data-parallel, the ranks' mean)."""
+        if self._in_background is not None and self._steps >= EAGER_STEPS_WHILE_COMPILING:
+            self._collect()
+        self._steps += 1
         return self._compiled_step(lr) if self._compiled_step is not None else self._eager_step(lr)
 
     def _eager_step(self, lr):

@@ -43,12 +43,13 @@ class FittingError(RuntimeError):
 @dataclass
 class FitResult:
     """What a call to :func:`fit` did: the loss per step, how long it ran (``seconds``, compiling
-    included), why it stopped, whether its steps ran compiled, how long compiling took and, where
-    it was tried and failed, why, each rollback after the loss diverged (what was seen, what was
+    included), why it stopped, whether its steps ran compiled (from step ``compiled_from_step`` on),
+    how long the steps stood waiting for the compiler (``compile_seconds``, tracing included) and,
+    where compiling was tried and failed, why, each rollback after the loss diverged (what was seen, what was
     restored), how many intra-op threads the steps ran on, over how many steps the result is
     averaged, and on a subsampled plate the largest noise of a step's slope in the globals and the
     largest shift of a global were every item's rows refitted, both in posterior sds.
-    ``(seconds - compile_seconds) / num_steps`` is the time per step."""
+    ``(seconds - compile_seconds) / num_steps`` is the mean time per step."""
 
     losses: list = field(default_factory=list)
     num_steps: int = 0
@@ -57,6 +58,7 @@ class FitResult:
     compiled: bool = False
     compile_seconds: float = 0.0
     compile_failure: str = ""
+    compiled_from_step: int | None = None
     rollbacks: list = field(default_factory=list)
     num_threads: int = 0
     averaged_steps: int = 0
@@ -115,8 +117,12 @@ def fit(
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
-    compiling fails (the result's ``compile_failure`` says why); ``True`` raises
-    :class:`~vi_flows.CompileError` instead; ``False`` never compiles.
+    compiling fails (the result's ``compile_failure`` says why); where PyTorch's cache lacks the
+    step, a worker process compiles it while the first ``EAGER_STEPS_WHILE_COMPILING`` (250) steps
+    run eagerly (:mod:`~vi_flows.compile_worker`; a posterior that is nearly there after a few
+    hundred steps does not wait a minute for the compiler), so a fit's first run on a machine draws
+    other numbers than later ones. ``True`` compiles before the first step, or raises
+    :class:`~vi_flows.CompileError`; ``False`` never compiles.
 
     ``threads``: the intra-op threads the steps run on. ``"auto"`` times a few evaluations of the loss
     on one thread and on all (``torch.get_num_threads()``) and keeps one unless all are 1.2x faster:
@@ -172,6 +178,7 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(total=budget, disable=not progress or rank() != 0, desc="fit", unit="step", mininterval=1.0)
     ranks = contextlib.ExitStack()  # the process group, data-parallel
+    step_once = None
     try:
         if compile:
             bar.set_description("fit: compiling the ELBO (seconds to minutes)", refresh=True)
@@ -184,8 +191,7 @@ def fit(
         if parallel and seed is not None:
             pyro.set_rng_seed(seed + rank())  # the ranks' own draws, from rank 0's start
         bar.set_description("fit")
-        result.compiled, result.compile_seconds = step_once.compiled, step_once.compile_seconds
-        result.compile_failure, result.num_threads = step_once.compile_failure, step_once.num_threads
+        result.num_threads = step_once.num_threads
         learning_rate = LearningRate(lr, warmup_steps, num_steps, final_lr_fraction, plateau_factor)
         plateaus = PlateauRule(window) if num_steps is None else None
         guard = DivergenceGuard(step_once.params, step_once.optimizer, block=rollback_block)
@@ -205,11 +211,19 @@ def fit(
         if not result.stop_reason:
             result.stop_reason = "reached num_steps" if num_steps is not None else f"reached max_steps={max_steps}"
     finally:
+        if step_once is not None:
+            step_once.close()
+            _record_compiling(result, step_once)
         ranks.close()
         bar.close()
         result.num_steps = len(result.losses)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _record_compiling(result, step_once):
+    result.compiled, result.compiled_from_step = step_once.compiled, step_once.compiled_from_step
+    result.compile_seconds, result.compile_failure = step_once.compile_seconds, step_once.compile_failure
 
 
 def _device(guide):

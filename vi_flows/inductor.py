@@ -12,6 +12,7 @@ Inductor writes the thread count into its CPU kernels; it is passed in (the thre
 step on), not read from the global setting.
 """
 
+import os
 import warnings
 
 import torch
@@ -20,10 +21,11 @@ try:  # private: its home has moved between releases
     from torch._guards import TracingContext, tracing
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 except ImportError:  # pragma: no cover - fall back to the public route
-    compile_fx = None
+    compile_fx = cache_dir = None
 
 
 def compile_graph(graph, example_inputs, num_threads):
@@ -37,3 +39,8 @@ def compile_graph(graph, example_inputs, num_threads):
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
             return compile_fx(graph, list(example_inputs))
+
+
+def cache_marker(name):
+    """The path of a file ``name`` kept beside Inductor's on-disk cache (so cleared with it)."""
+    return os.path.join(cache_dir(), "vi_flows", name)
