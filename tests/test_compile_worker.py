@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from vi_flows import AutoFlow, fit
-from vi_flows.compile_worker import Compilation, known
+from vi_flows.compile_worker import Compilation
 from vi_flows.compiled_elbo import trace_negative_elbo
 from vi_flows.elbo_step import EAGER_STEPS_WHILE_COMPILING, ELBOStep
 from vi_flows.graph_transfer import fingerprint, pack, rebuilt

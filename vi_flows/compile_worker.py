@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from .graph_transfer import fingerprint, rebuilt, unpack
+from .graph_transfer import empty_inputs, fingerprint, layouts, rebuilt, unpack
 from .inductor import cache_marker, compile_graph
 
 
@@ -33,8 +33,9 @@ def remember(fingerprint):
 
 
 class CompileWorker:
-    """A process compiling packed graphs (``jobs``: ``(bytes, example inputs)`` pairs, from
-    :func:`~vi_flows.graph_transfer.pack`) for ``num_threads`` intra-op threads into Inductor's cache."""
+    """A process compiling packed graphs (``jobs``: ``(bytes, input layouts)`` pairs, from
+    :func:`~vi_flows.graph_transfer.pack` and :func:`~vi_flows.graph_transfer.layouts`) for
+    ``num_threads`` intra-op threads into Inductor's cache."""
 
     def __init__(self, jobs, num_threads):
         handle, self._path = tempfile.mkstemp(prefix="vi-flows-graphs-", suffix=".pkl")
@@ -79,7 +80,7 @@ class Compilation:
             inputs = [tensor for _, example_inputs in graphs for tensor in example_inputs]
             self._fingerprint = fingerprint([graph for graph, _ in self._graphs], inputs, num_threads)
         if in_background and not known(self._fingerprint):
-            self._worker = CompileWorker([(data, inputs) for (_, data), (_, inputs) in zip(sent, graphs)], num_threads)
+            self._worker = CompileWorker([(data, layouts(inputs)) for (_, data), (_, inputs) in zip(sent, graphs)], num_threads)
         else:
             self.result()
 
@@ -109,8 +110,8 @@ def _main(path):
     os.nice(10)  # the fit's own steps come first
     with open(path, "rb") as file:
         jobs, num_threads = pickle.load(file)
-    for data, example_inputs in jobs:
-        compile_graph(unpack(data), example_inputs, num_threads)
+    for data, input_layouts in jobs:
+        compile_graph(unpack(data), empty_inputs(input_layouts), num_threads)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .messages import first_line
 from .particles import choose
 from .pyro_internals import trained_parameters
 from .subsampling import FastSubsamples
+from .step_warnings import warn_about_nested_locals, warn_about_untrained, warn_unless_broadcast
 from .threads import fastest_threads
 
 # With compile="auto" and nothing in Inductor's cache for the step, a worker process compiles it
@@ -78,12 +79,12 @@ class ELBOStep:
         self.subsampled = is_subsampled(guide, *args, **kwargs)
         if first_score_function_site(guide, *args, **kwargs) is None:
             self.particles = choose(model, guide, num_particles, max_plate_nesting, *args, **kwargs)
-            _warn_unless_broadcast(self.particles)
+            warn_unless_broadcast(self.particles)
         else:  # score-function terms: Pyro's own estimator
             self._elbo = Trace_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting, vectorize_particles=True)
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
         self.params = trained_parameters(self.loss)
-        _warn_about_untrained(guide, self.params)
+        warn_about_untrained(guide, self.params)
         self.num_threads = self._threads(threads)
         self.tables = _item_tables(guide, self.params)
         self.parallel = None
@@ -95,7 +96,7 @@ class ELBOStep:
         possible = self.subsampled and self.particles is not None and self.particles.mode != "vmap"
         self.control_variate = _control_variate(user_guide, control_variate, possible, self.parallel, args, kwargs)
         if self.subsampled:
-            _warn_about_nested_locals(user_guide)
+            warn_about_nested_locals(user_guide)
         refit = getattr(user_guide, "refit_items", None) if refit_items and self.subsampled else None
         self._refit_items = functools.partial(refit, *args, **kwargs) if refit is not None else None
         self.loss = self._loss(model, guide, args, kwargs, sticking_the_landing)
@@ -278,54 +279,9 @@ def _item_tables(guide, params):
     return [table for table in tables if id(table) in trained]
 
 
-def _warn_unless_broadcast(particles):
-    if particles.mode == "vmap":
-        warnings.warn(
-            f"the model does not broadcast over a leading particle dimension ({particles.reason}); fit maps its log "
-            "density over the guide's draws with torch.func.vmap instead, which gives the same ELBO."
-        )
-    elif particles.mode == "loop":
-        warnings.warn(
-            f"the model runs on one draw at a time only ({particles.reason}); fit takes its {particles.num} particles "
-            "one after another, about as many times slower. Pass num_particles=... to fit to trade noise for speed."
-        )
-
-
 def _model_subsamples(model, guide, args, kwargs):
     """Whether ``model``, replaying a draw of ``guide`` (the caller's random state kept), reads a
     subsample of a plate."""
     with torch.random.fork_rng(), torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         return is_subsampled(poutine.replay(model, trace=guide_trace), *args, **kwargs)
-
-
-def _warn_about_nested_locals(guide):
-    """A warning for each guide inside ``guide`` (an ``AutoGuideList``'s part) with local posteriors
-    on a subsampled plate: the control variate, the items' refits and the end checks are the methods
-    of the guide ``fit`` is given, and run the part's own model, which does not see the other parts'
-    values; its items' rows are stepped alone, as they were before any of them."""
-    if not isinstance(guide, torch.nn.Module) or hasattr(guide, "refit_items"):
-        return
-    for name, part in guide.named_modules():
-        local = getattr(part, "locals", None)
-        if hasattr(part, "refit_items") and local is not None and local.subsampled:
-            warnings.warn(
-                f"fit steps the local posteriors of {list(local.names)} (the guide's part {name!r}) on subsamples without the "
-                "control variate, the items' refits or the check of their convergence, which apply to an AutoFlow fit on "
-                "its own: where the likelihood is not Gaussian in the items the globals can end a posterior sd off (20,000 "
-                "Poisson groups in subsamples of 64: 0.8-1.5 sds) and nothing will say so. Fit with that AutoFlow as the "
-                "whole guide, or check against a full-batch fit."
-            )
-
-
-def _warn_about_untrained(guide, params):
-    if not isinstance(guide, torch.nn.Module):
-        return
-    trained = {id(param) for param in params}
-    untrained = [name for name, param in guide.named_parameters() if id(param) not in trained and param.numel()]
-    if untrained:
-        warnings.warn(
-            f"the guide's parameters {untrained} will not be trained: Pyro's param store holds other tensors "
-            "under their names, so the loss reads those. Was another guide of the same name created in this "
-            "param store before? Call pyro.clear_param_store() before creating this guide."
-        )

@@ -57,13 +57,23 @@ def fingerprint(graphs, example_inputs, *settings):
     """A hex digest of ``graphs``' operations and constants, the inputs' layouts and ``settings``:
     equal in every process that traces the same step. (Pickled tensors are not: their bytes hold
     addresses.)"""
-    digest = hashlib.sha256(repr((_layouts(example_inputs), settings, torch.__version__)).encode())
+    digest = hashlib.sha256(repr((layouts(example_inputs), settings, torch.__version__)).encode())
     for graph in graphs:
         digest.update(pickle.dumps(_nodes(graph), protocol=pickle.HIGHEST_PROTOCOL))
         for name, tensor in _constants(graph).items():
-            digest.update(repr((name, _layouts([tensor]))).encode())
+            digest.update(repr((name, layouts([tensor]))).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def layouts(tensors):
+    """What a compiler needs of example inputs (shape, strides, dtype, device, requires_grad), not their values."""
+    return [(tuple(x.shape), x.stride(), x.dtype, str(x.device), x.requires_grad) for x in tensors]
+
+
+def empty_inputs(input_layouts):
+    """Uninitialised tensors of the given :func:`layouts`."""
+    return [torch.empty_strided(shape, stride, dtype=dtype, device=device).requires_grad_(grad) for shape, stride, dtype, device, grad in input_layouts]
 
 
 def _nodes(graph):
@@ -78,10 +88,6 @@ def _nodes(graph):
 
 def _constants(graph):
     return {node.target: getattr(graph, node.target) for node in graph.graph.nodes if node.op == "get_attr"}
-
-
-def _layouts(tensors):
-    return [(tuple(x.shape), x.stride(), str(x.dtype), str(x.device), x.requires_grad) for x in tensors]
 
 
 def _ref(value):
