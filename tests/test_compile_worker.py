@@ -101,3 +101,18 @@ def test_a_step_that_is_never_used_stops_its_worker(empty_inductor_cache):
     worker = compilation._worker
     compilation.stop()
     assert worker.done() and not os.path.exists(worker._path) and not compilation.in_background
+
+
+def test_closing_a_step_can_let_its_worker_fill_the_cache(empty_inductor_cache):
+    module = load_model("banana")
+
+    def auto_step():
+        pyro.clear_param_store()
+        guide = AutoFlow(module.model, flow="planar", init="prior")
+        return ELBOStep(module.model, guide, num_particles=8, max_plate_nesting=max_plate_nesting(module.model, guide), compile="auto")
+
+    first = auto_step()
+    assert not first.compiled  # a worker compiles it
+    first.close(wait=True)
+    again = auto_step()
+    assert again.compiled and again.compiled_from_step == 0

@@ -1,6 +1,7 @@
 """One optimisation step of ``fit``: the vectorised negative ELBO, compiled where it can be, its
 gradient clipped, and an Adam update."""
 
+import contextlib
 import functools
 import time
 import warnings
@@ -161,11 +162,17 @@ class ELBOStep:
         compiled_step.warm_up()
         self._compiled_step, self.compiled, self.compiled_from_step = compiled_step, True, self._steps
 
-    def close(self):
-        """Stop compiling in the background, if a worker still is (the fit ended first)."""
-        if self._in_background is not None:
-            self._in_background.stop()
-            self._in_background = None
+    def close(self, wait=False):
+        """Stop compiling in the background, if a worker still is (the fit ended first); with
+        ``wait``, let it finish instead, so that PyTorch's cache holds the step for the next fit."""
+        if self._in_background is None:
+            return
+        compiled_step, self._in_background = self._in_background, None
+        if not wait:
+            compiled_step.stop()
+            return
+        with contextlib.suppress(CompileError):  # the eager steps were all the fit needed
+            compiled_step.finish()
 
     def _loss(self, model, guide, args, kwargs, sticking_the_landing):
         """The loss of one step, a function of nothing."""
