@@ -42,7 +42,8 @@ class CompileWorker:
         with os.fdopen(handle, "wb") as file:
             pickle.dump((jobs, num_threads), file, protocol=pickle.HIGHEST_PROTOCOL)
         command = [sys.executable, "-m", "vi_flows.compile_worker", self._path]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this process's vi_flows
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
 
     def done(self):
         return self._process.poll() is not None
@@ -107,7 +108,8 @@ class Compilation:
 
 
 def _main(path):
-    os.nice(10)  # the fit's own steps come first
+    if hasattr(os, "nice"):
+        os.nice(10)  # the fit's own steps come first
     with open(path, "rb") as file:
         jobs, num_threads = pickle.load(file)
     for data, input_layouts in jobs:

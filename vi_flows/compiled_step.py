@@ -36,8 +36,9 @@ class CompiledAdamStep:
 
     Building it traces the graphs on fake tensors and compiles them (with ``in_background``, where
     Inductor's cache lacks them, a worker process compiles them meanwhile and :meth:`finish` waits
-    for it: :mod:`~vi_flows.compile_worker`): nothing runs, no random number is drawn, ``params`` keep their values; a parameter without Adam state gets it, zero, as
-    ``torch.optim.Adam`` would at its first step. :meth:`warm_up` runs the step once on copies of its
+    for it: :mod:`~vi_flows.compile_worker`): nothing runs, no random number is drawn, ``params``
+    keep their values; a parameter without Adam state gets it, zero, as ``torch.optim.Adam`` would
+    at its first step. :meth:`warm_up` runs the step once on copies of its
     inputs. Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 

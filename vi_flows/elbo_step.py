@@ -51,8 +51,9 @@ class ELBOStep:
     :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
     keeping the reason in ``compile_failure``, and where Inductor's cache lacks the step the first
     ``EAGER_STEPS_WHILE_COMPILING`` steps run eagerly while a worker process compiles it
-    (``compiled_from_step`` says where the compiled steps began; :meth:`close` stops the worker). With ``data_parallel`` it is one rank's step of a
-    data-parallel fit in the default process group (:mod:`~vi_flows.data_parallel`, ``parallel``).
+    (``compiled_from_step`` says where the compiled steps began; :meth:`close` stops the worker).
+    With ``data_parallel`` it is one rank's step of a data-parallel fit in the default process group
+    (:mod:`~vi_flows.data_parallel`, ``parallel``).
     """
 
     def __init__(
