@@ -17,12 +17,12 @@ from vi_flows.pyro_internals import max_plate_nesting
 from vi_flows.zoo import load_model
 
 
-def _loss_graph(data_shift=0.0):
-    """The banana's traced negative ELBO under a planar flow, and the parameters it takes."""
+def _loss_graph(data_shift=0.0, flow="planar"):
+    """The banana's traced negative ELBO under ``flow``, and the parameters it takes."""
     module = load_model("banana")
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = AutoFlow(module.model, flow="planar", init="prior")
+    guide = AutoFlow(module.model, flow=flow, init="prior")
     step = ELBOStep(module.model, guide, num_particles=8, max_plate_nesting=max_plate_nesting(module.model, guide))
     shift = torch.tensor(data_shift)
 
@@ -52,9 +52,11 @@ def test_a_graph_rebuilt_from_its_bytes_computes_what_was_sent():
 
 def test_the_fingerprint_is_the_steps_own():
     (graph, params), (again, _), (shifted, _) = _loss_graph(), _loss_graph(), _loss_graph(data_shift=1.0)
+    (wider, wider_params) = _loss_graph(flow="planar*2")
     first = fingerprint([graph], params, 1)
     assert fingerprint([again], params, 1) == first  # another trace of the same step
-    assert fingerprint([shifted], params, 1) != first  # a constant changed
+    assert fingerprint([shifted], params, 1) == first  # a constant's value: an input of the compiled code
+    assert fingerprint([wider], wider_params, 1) != first  # another step
     assert fingerprint([graph], params, 2) != first  # compiled for other threads
 
 

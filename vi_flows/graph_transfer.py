@@ -54,15 +54,15 @@ def rebuilt(graph):
 
 
 def fingerprint(graphs, example_inputs, *settings):
-    """A hex digest of ``graphs``' operations and constants, the inputs' layouts and ``settings``:
-    equal in every process that traces the same step. (Pickled tensors are not: their bytes hold
-    addresses.)"""
+    """A hex digest of ``graphs``' operations, the layouts of their constants and inputs, and
+    ``settings``: equal in every process that traces the same step. Not the constants' values: the
+    rebuilt module holds them as buffers, which Inductor takes as inputs, so its cache serves a step
+    whatever they are (the data, a random start)."""
     digest = hashlib.sha256(repr((layouts(example_inputs), settings, torch.__version__)).encode())
     for graph in graphs:
         digest.update(pickle.dumps(_nodes(graph), protocol=pickle.HIGHEST_PROTOCOL))
-        for name, tensor in _constants(graph).items():
-            digest.update(repr((name, layouts([tensor]))).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        constants = _constants(graph)
+        digest.update(repr([(name, layouts([tensor])) for name, tensor in constants.items()]).encode())
     return digest.hexdigest()
 
 
