@@ -87,13 +87,13 @@ def test_a_cold_fit_steps_eagerly_until_its_switch_step_then_compiled(empty_indu
         guide = AutoFlow(model, flow="planar", init="prior")
         return fit(model, guide, num_steps=2000, seed=1, progress=False, compile=compile)
 
-    cold = seeded_fit("auto")
+    cold = seeded_fit("background")
     assert cold.compiled and cold.compiled_from_step == EAGER_STEPS_WHILE_COMPILING and not cold.compile_failure
     eager = seeded_fit(False)
     # The first steps are the eager fit's own, to the last bit.
     assert cold.losses[:EAGER_STEPS_WHILE_COMPILING] == eager.losses[:EAGER_STEPS_WHILE_COMPILING]
     assert abs(sum(cold.losses[-200:]) - sum(eager.losses[-200:])) / 200 < 0.05  # both near the optimum
-    warm = seeded_fit("auto")
+    warm = seeded_fit("background")
     assert warm.compiled_from_step == 0  # the cache holds the step now
 
 
@@ -111,7 +111,7 @@ def test_closing_a_step_can_let_its_worker_fill_the_cache(empty_inductor_cache):
     def auto_step():
         pyro.clear_param_store()
         guide = AutoFlow(module.model, flow="planar", init="prior")
-        return ELBOStep(module.model, guide, num_particles=8, max_plate_nesting=max_plate_nesting(module.model, guide), compile="auto")
+        return ELBOStep(module.model, guide, num_particles=8, max_plate_nesting=max_plate_nesting(module.model, guide), compile="background")
 
     first = auto_step()
     assert not first.compiled  # a worker compiles it

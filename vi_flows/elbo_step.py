@@ -23,8 +23,8 @@ from .subsampling import FastSubsamples
 from .step_warnings import warn_about_nested_locals, warn_about_untrained, warn_unless_broadcast
 from .threads import fastest_threads
 
-# With compile="auto" and nothing in Inductor's cache for the step, a worker process compiles it
-# (:mod:`~vi_flows.compile_worker`) while this many steps run eagerly, and the next waits for it:
+# With compile="background" and nothing in Inductor's cache for the step, a worker process compiles
+# it (:mod:`~vi_flows.compile_worker`) while this many steps run eagerly, and the next waits for it:
 # a fixed step, whatever the clock says, so that such a fit takes the same steps on every cold
 # start. The default flow reaches KL 0.008 on the 10-D funnel by then (RESULTS.md, "Time to a good
 # posterior"), in 4-6 s of eager steps instead of the minute a cold compile takes.
@@ -49,8 +49,8 @@ class ELBOStep:
     them, None keeps the caller's); with ``compile=True`` the whole step (loss, gradient, clip and
     update) runs as one compiled graph (:class:`~vi_flows.compiled_step.CompiledAdamStep`), raising
     :class:`~vi_flows.CompileError` where it cannot; with ``"auto"`` it falls back to eager steps,
-    keeping the reason in ``compile_failure``, and where Inductor's cache lacks the step the first
-    ``EAGER_STEPS_WHILE_COMPILING`` steps run eagerly while a worker process compiles it
+    keeping the reason in ``compile_failure``; ``"background"`` does too, and where Inductor's cache
+    lacks the step the first ``EAGER_STEPS_WHILE_COMPILING`` steps run eagerly while a worker process compiles it
     (``compiled_from_step`` says where the compiled steps began; :meth:`close` stops the worker).
     With ``data_parallel`` it is one rank's step of a data-parallel fit in the default process group
     (:mod:`~vi_flows.data_parallel`, ``parallel``).
@@ -125,8 +125,8 @@ class ELBOStep:
         return (self.parallel.wrap(model) if own_data else model), self.parallel.wrap(guide)
 
     def _start_compiling(self, model, guide, args, kwargs, sticking_the_landing, compile):
-        """Trace the whole step and compile it: here, or with ``compile="auto"`` where Inductor's
-        cache lacks it, in a worker process while the first steps run eagerly."""
+        """Trace the whole step and compile it: here, or with ``compile="background"`` where
+        Inductor's cache lacks it, in a worker process while the first steps run eagerly."""
         start = time.perf_counter()
         try:
             with torch.random.fork_rng():  # tracing runs the loss; the steps draw what eager steps would
@@ -135,7 +135,7 @@ class ELBOStep:
                 )
             reduce = self.parallel.average if self.parallel is not None else None
             compiled_step = CompiledAdamStep(
-                graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads, in_background=compile == "auto"
+                graph, self.params, self.optimizer, self.clip_norm, self.tables, self.subsampled, reduce=reduce, num_threads=self.num_threads, in_background=compile == "background"
             )
             if compiled_step.in_background:
                 self._in_background = compiled_step

@@ -117,12 +117,13 @@ def fit(
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
-    compiling fails (the result's ``compile_failure`` says why); where PyTorch's cache lacks the
-    step, a worker process compiles it while the first ``EAGER_STEPS_WHILE_COMPILING`` (250) steps
-    run eagerly (:mod:`~vi_flows.compile_worker`; a posterior that is nearly there after a few
-    hundred steps does not wait a minute for the compiler), so a fit's first run on a machine draws
-    other numbers than later ones. ``True`` compiles before the first step, or raises
-    :class:`~vi_flows.CompileError`; ``False`` never compiles.
+    compiling fails (the result's ``compile_failure`` says why). ``"background"`` is ``"auto"``
+    where, if PyTorch's cache lacks the step, a worker process compiles it while the first
+    ``EAGER_STEPS_WHILE_COMPILING`` (250) steps run eagerly (:mod:`~vi_flows.compile_worker`): a
+    posterior that is nearly there after a few hundred steps does not wait a minute for the
+    compiler, a whole fit takes 0-6 s longer, and a first run draws other numbers than later ones.
+    ``True`` compiles before the first step, or raises :class:`~vi_flows.CompileError`; ``False``
+    never compiles.
 
     ``threads``: the intra-op threads the steps run on. ``"auto"`` times a few evaluations of the loss
     on one thread and on all (``torch.get_num_threads()``) and keeps one unless all are 1.2x faster:
@@ -166,13 +167,13 @@ def fit(
     Without a process group, ``fit`` starts one from ``torchrun``'s environment and ends it after.
     Only rank 0 shows progress.
     """
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile not in (True, False, "auto", "background"):
+        raise ValueError(f"compile must be True, False, 'auto' or 'background', got {compile!r}")
     parallel = data_parallel_requested(data_parallel)
     if seed is not None:
         pyro.set_rng_seed(seed)
     budget = num_steps if num_steps is not None else max_steps
-    if compile == "auto" and budget < COMPILE_MIN_STEPS:
+    if compile in ("auto", "background") and budget < COMPILE_MIN_STEPS:
         compile = False  # too few steps to repay the seconds of compiling
     result = FitResult()
     start = time.perf_counter()
