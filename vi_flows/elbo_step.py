@@ -19,8 +19,8 @@ from .item_steps import lazy_adam_step
 from .messages import first_line
 from .particles import choose
 from .pyro_internals import trained_parameters
-from .subsampling import FastSubsamples
 from .step_warnings import warn_about_nested_locals, warn_about_untrained, warn_unless_broadcast
+from .subsampling import FastSubsamples
 from .threads import fastest_threads
 
 # With compile="background" and nothing in Inductor's cache for the step, a worker process compiles

@@ -121,7 +121,7 @@ def fit(
     where, if PyTorch's cache lacks the step, a worker process compiles it while the first
     ``EAGER_STEPS_WHILE_COMPILING`` (250) steps run eagerly (:mod:`~vi_flows.compile_worker`): a
     posterior that is nearly there after a few hundred steps does not wait a minute for the
-    compiler, a whole fit takes 0-6 s longer, and a first run draws other numbers than later ones.
+    compiler, a whole fit takes 0-10 s longer (2 cores), and a first run draws other numbers than later ones.
     ``True`` compiles before the first step, or raises :class:`~vi_flows.CompileError`; ``False``
     never compiles.
 
