@@ -74,7 +74,7 @@ class Compilation:
         self._graphs, self._fingerprint = list(graphs), None
         try:  # both processes compile the graphs as rebuilt from bytes, so Inductor's keys agree
             sent = [rebuilt(graph) for graph, _ in graphs]
-        except ValueError:  # a graph that cannot be sent: compiled here as it is
+        except Exception:  # a call or an argument that cannot be written: the graph is compiled here as it is
             sent, in_background = None, False
         if sent is not None:
             self._graphs = [(graph, inputs) for (graph, _), (_, inputs) in zip(sent, graphs)]
