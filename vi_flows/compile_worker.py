@@ -45,9 +45,6 @@ class CompileWorker:
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this process's vi_flows
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
 
-    def done(self):
-        return self._process.poll() is not None
-
     def wait(self):
         self._process.communicate()
         self._remove_file()
@@ -70,20 +67,19 @@ class Compilation:
     gives the compiled callables, waiting for the worker if need be; a failure raises there."""
 
     def __init__(self, graphs, num_threads, in_background):
-        self._num_threads, self._worker, self._compiled = num_threads, None, None
-        self._graphs, self._fingerprint = list(graphs), None
+        self._num_threads, self._worker, self._compiled, self._fingerprint = num_threads, None, None, None
+        examples = [example_inputs for _, example_inputs in graphs]
         try:  # both processes compile the graphs as rebuilt from bytes, so Inductor's keys agree
             sent = [rebuilt(graph) for graph, _ in graphs]
         except Exception:  # a call or an argument that cannot be written: the graph is compiled here as it is
-            sent, in_background = None, False
-        if sent is not None:
-            self._graphs = [(graph, inputs) for (graph, _), (_, inputs) in zip(sent, graphs)]
-            inputs = [tensor for _, example_inputs in graphs for tensor in example_inputs]
-            self._fingerprint = fingerprint([graph for graph, _ in self._graphs], inputs, num_threads)
-        if in_background and not known(self._fingerprint):
-            self._worker = CompileWorker([(data, layouts(inputs)) for (_, data), (_, inputs) in zip(sent, graphs)], num_threads)
+            self._graphs = list(graphs)
         else:
-            self.result()
+            self._graphs = [(graph, example_inputs) for (graph, _), example_inputs in zip(sent, examples)]
+            self._fingerprint = fingerprint([graph for graph, _ in sent], [x for example_inputs in examples for x in example_inputs], num_threads)
+            if in_background and not known(self._fingerprint):
+                self._worker = CompileWorker([(data, layouts(example_inputs)) for (_, data), example_inputs in zip(sent, examples)], num_threads)
+                return
+        self.result()
 
     @property
     def in_background(self):

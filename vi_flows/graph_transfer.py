@@ -61,8 +61,7 @@ def fingerprint(graphs, example_inputs, *settings):
     digest = hashlib.sha256(repr((layouts(example_inputs), settings, torch.__version__)).encode())
     for graph in graphs:
         digest.update(pickle.dumps(_nodes(graph), protocol=pickle.HIGHEST_PROTOCOL))
-        constants = _constants(graph)
-        digest.update(repr([(name, layouts([tensor])) for name, tensor in constants.items()]).encode())
+        digest.update(repr([(name, layouts([tensor])) for name, tensor in _constants(graph).items()]).encode())
     return digest.hexdigest()
 
 
