@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from vi_flows import available_flows, build_flow, registered_flow
-from vi_flows.flows.base import flow_jacobian
+from vi_flows.flows.base import forward_and_score
 from vi_flows.flows.conditional import ConditionalFlow
 
 
@@ -90,20 +91,58 @@ def test_log_det_matches_autograd_jacobian(name, dim, batch_shape):
 
 @pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
 @pytest.mark.parametrize("name", FLOWS)
-def test_flow_jacobian_matches_autograd(name, batch_shape):
-    # The Jacobian and log-det gradient behind AutoFlow's sticking_the_landing.
-    flow = random_flow(name, 5, seed=3)
-    x = torch.randn(batch_shape + (5,), dtype=torch.float64)
-    jacobian, log_det_gradient = flow_jacobian(flow, x)
-    assert jacobian.shape == batch_shape + (5, 5) and log_det_gradient.shape == x.shape
-    for row, row_jacobian, row_gradient in zip(x.reshape(-1, 5), jacobian.reshape(-1, 5, 5), log_det_gradient.reshape(-1, 5)):
-        torch.testing.assert_close(row_jacobian, torch.autograd.functional.jacobian(flow, row))
+def test_pushed_forward_score_matches_autograd(name, batch_shape):
+    # The score behind AutoFlow's sticking_the_landing: J^-T (score - d log|det J|/dx), here from
+    # autograd's dense Jacobian row by row, whatever closed form the family uses.
+    assert_pushed_score_matches_autograd(random_flow(name, 5, seed=3), torch.randn(batch_shape + (5,), dtype=torch.float64))
+
+
+def test_pushed_forward_score_of_gated_iaf_and_composed_flows_matches_autograd():
+    torch.manual_seed(1)
+    for flow in (build_flow("iaf*3", 5, iaf={"gated": True}), build_flow("planar*2+iaf*2+radial", 5)):
+        flow = flow.double()
+        with torch.no_grad():  # far from the identity, as random_flow moves them
+            for parameter in flow.parameters():
+                parameter.add_(torch.randn_like(parameter) / (parameter.shape[-1] ** 0.5 if parameter.dim() > 1 else 1))
+        assert_pushed_score_matches_autograd(flow, torch.randn(4, 5, dtype=torch.float64))
+
+
+def assert_pushed_score_matches_autograd(flow, x):
+    score = torch.randn_like(x)
+    y, pushed = forward_and_score(flow, x, score)
+    assert y.shape == pushed.shape == x.shape
+    torch.testing.assert_close(y, flow(x))
+    dim = x.shape[-1]
+    for row, row_score, row_pushed in zip(x.reshape(-1, dim), score.reshape(-1, dim), pushed.reshape(-1, dim)):
+        jacobian = torch.autograd.functional.jacobian(flow, row)
         point = row.clone().requires_grad_()
         log_det = flow.log_abs_det_jacobian(point, flow(point))
-        if log_det.requires_grad:
-            torch.testing.assert_close(row_gradient, torch.autograd.grad(log_det, point, materialize_grads=True)[0])
-        else:  # volume-preserving or elementwise-affine: log|det J| does not depend on x
-            assert torch.all(row_gradient == 0)
+        log_det_gradient = torch.autograd.grad(log_det, point, materialize_grads=True)[0] if log_det.requires_grad else 0
+        torch.testing.assert_close(row_pushed, torch.linalg.solve(jacobian.T, row_score - log_det_gradient))
+
+
+class PushedScore(torch.nn.Module):
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return forward_and_score(self.flow, x, -x)[1]
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_pushed_forward_score_stays_detached_in_a_traced_graph(name):
+    # A traced graph records no grad mode: fit's compiled step replays the loss's graph under autograd,
+    # where a score not explicitly detached would be differentiated (to a zero term, at twice the graph).
+    scoring = PushedScore(random_flow(name, 3))
+    names = [parameter_name for parameter_name, _ in scoring.named_parameters()]
+
+    def score(x, *values):  # the parameters as the graph's inputs, as in fit's step
+        return torch.func.functional_call(scoring, dict(zip(names, values)), (x,))
+
+    values = [parameter.detach().clone().requires_grad_() for parameter in scoring.parameters()]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert not make_fx(score)(x, *values)(x, *values).requires_grad
 
 
 # float32: sequential inverses (IAF, Sylvester) pass rounding errors from coordinate to coordinate,

@@ -24,7 +24,8 @@ MODES = ("broadcast", "vmap", "loop")
 PARTICLE_PLATE = "num_particles_vectorized"
 # sticking_the_landing="auto" uses the path-derivative gradient up to this many dimensions of a
 # guide site. Measured with fit's compiled step, 64 particles (python benchmarks/bench.py stl): a step
-# costs 2.2x / 2.9x / 4.4x / 15.3x the plain one at D = 2 / 10 / 20 / 50 (the flow's D x D Jacobian).
+# cost 2.2x / 2.9x / 4.4x / 15.3x the plain one at D = 2 / 10 / 20 / 50 with the flow's dense Jacobian,
+# 1.6x / 2.6x / 2.3x / 4.2x since planar and IAF layers carry the score in closed form (RESULTS.md).
 STICKING_THE_LANDING_MAX_DIM = 20
 
 

@@ -4,15 +4,16 @@ log density ("sticking the landing": Roeder, Wu & Duvenaud, NeurIPS 2017).
 The ELBO's gradient has a score term, :math:`E_q[\nabla_\phi \log q_\phi(z)]` at fixed :math:`z`,
 whose expectation is zero; leaving it out keeps the estimate unbiased for ``Trace_ELBO``-type
 objectives and its variance vanishes as :math:`q` approaches the posterior. What remains is
-:math:`\log q` differentiated only through the draw. Computing that needs the flow's Jacobian at
-every draw, :math:`D` forward-mode passes, so objectives use it at small dimensions only
-(:func:`vi_flows.compiled_elbo.negative_elbo`, which :func:`vi_flows.fit` runs).
+:math:`\log q` differentiated only through the draw. Computing that needs the score of :math:`q`
+at every draw, carried through the flow layer by layer (:func:`~vi_flows.flows.base.forward_and_score`:
+closed forms for planar and IAF layers, a dense Jacobian for others), so objectives use it at small
+dimensions only (:func:`vi_flows.compiled_elbo.negative_elbo`, which :func:`vi_flows.fit` runs).
 """
 
 import pyro.distributions as dist
 import torch
 
-from ..flows.base import flow_jacobian
+from ..flows.base import forward_and_score
 
 # A flow posterior has no closed-form moments: mean and variance come from this many draws.
 MOMENT_DRAWS = 10_000
@@ -76,9 +77,7 @@ def path_derivative(noise, draw, base, flow, outer, non_centring=None):
     non-centring) with their parameters held fixed.
     """
     flow_input, base_score = base.input_and_score(noise.detach())
-    jacobian, log_det_gradient = flow_jacobian(flow, flow_input)
-    # solve_ex: no error-checking op in a compiled graph, which would keep it out of PyTorch's cache.
-    score = torch.linalg.solve_ex(jacobian.mT, base_score - log_det_gradient)[0]
+    score = forward_and_score(flow, flow_input, base_score)[1]
     result = 0.0
     if non_centring is not None:  # log q(draw) = log q_u(u) - log|det dx/du|, with u its inverse
         u = non_centring.inv(draw)

@@ -1,5 +1,5 @@
-"""Shared machinery of the flow families: the transform base class, a scalar root finder and a
-flow's Jacobian."""
+"""Shared machinery of the flow families: the transform base class, a scalar root finder and the
+score a flow pushes forward."""
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
@@ -38,6 +38,10 @@ class FlowTransform(TransformModule):
     def forward_and_log_det(self, x):
         """Return ``(y, log|det dy/dx|)`` with shapes ``x.shape`` and ``x.shape[:-1]``."""
         raise NotImplementedError
+
+    def forward_and_score(self, x, score):
+        """``(y, score_y)`` as :func:`forward_and_score` defines them; by default from the dense Jacobian."""
+        return forward_and_score_by_jacobian(self, x, score)
 
     def _call(self, x):
         y, log_det = self.forward_and_log_det(x)
@@ -129,13 +133,37 @@ def inverse(transform, y):
     return transform.inv(y)
 
 
-def flow_jacobian(flow, x):
-    """Jacobian of a flow at the points ``x`` (shape ``(..., D)``) and the gradient of its log|det J| there.
+def forward_and_score(transform, x, score):
+    r"""``(y, score_y)``: any transform's output at the points ``x`` (shape ``(..., D)``) and the score
+    :math:`\nabla_y \log q_Y(y)` of the density it pushes forward, given ``score`` :math:`=
+    \nabla_x \log q_X(x)` of the density of ``x``: :math:`J^{-T}(\nabla_x \log q_X - \nabla_x
+    \log|\det J|)`, detached from the transform's parameters. The path-derivative gradient
+    (``AutoFlow``'s sticking-the-landing) carries the base's score through the flow with it."""
+    with torch.no_grad():
+        if isinstance(transform, FlowTransform):
+            y, score = transform.forward_and_score(x, score)
+        elif isinstance(transform, ComposeTransform):
+            y = x
+            for part in transform.parts:
+                y, score = forward_and_score(part, y, score)
+        else:
+            y, score = forward_and_score_by_jacobian(transform, x, score)
+    # Explicitly: a graph traced from this (fit's compiled step) records no grad mode, and replayed
+    # under autograd it would differentiate the whole computation (to a zero term, at a cost).
+    return y.detach(), score.detach()
 
-    Returns ``(dy/dx, d log|det J|/dx)`` with shapes ``(..., D, D)`` and ``(..., D)``, by forward-mode
-    differentiation (D directions per point), detached from the flow's parameters.
-    """
+
+def forward_and_score_by_jacobian(transform, x, score):
+    """:func:`forward_and_score` for any transform, from its dense Jacobian at every point (forward-mode
+    differentiation, D directions per point) and a linear solve: families with a cheaper closed form
+    override :meth:`FlowTransform.forward_and_score`."""
     with torch.no_grad():
         flat = x.detach().reshape(-1, x.shape[-1])
-        jacobian, log_det_gradient = torch.func.vmap(torch.func.jacfwd(lambda point: forward_and_log_det(flow, point)))(flat)
-    return jacobian.reshape(x.shape + x.shape[-1:]), log_det_gradient.reshape(x.shape)
+        def with_output(point):
+            y, log_det = forward_and_log_det(transform, point)
+            return (y, log_det), y
+
+        (jacobian, log_det_gradient), y = torch.func.vmap(torch.func.jacfwd(with_output, has_aux=True))(flat)
+        adjusted = score.reshape(flat.shape) - log_det_gradient
+        # solve_ex: no error-checking op in a compiled graph, which would keep it out of PyTorch's cache.
+        return y.reshape(x.shape), torch.linalg.solve_ex(jacobian.mT, adjusted)[0].reshape(x.shape)

@@ -74,20 +74,31 @@ class IAF(FlowTransform):
         self.output_weight = nn.Parameter(torch.empty(num_layers, 2 * dim, self.hidden_dim).uniform_(-out_bound, out_bound))
         self.output_bias = nn.Parameter(torch.zeros(num_layers, 2 * dim))
 
+    def _made(self, x, k):
+        """The layer's MADE at the input ``x``: its hidden pre-activation, shift ``mu`` and raw scale."""
+        pre_activation = x @ (self.hidden_weight[k] * self._input_masks[k]).T + self.hidden_bias[k]
+        output = F.elu(pre_activation) @ (self.output_weight[k] * self._output_masks[k]).T + self.output_bias[k]
+        return (pre_activation, *output.chunk(2, -1))
+
+    def _log_scale(self, raw_scale):
+        if self.gated:  # the gate's floor keeps it invertible where it would underflow to zero
+            return F.logsigmoid(raw_scale + self.gate_bias).clamp(min=self.log_scale_bounds[0])
+        return raw_scale.clamp(*self.log_scale_bounds)
+
     def _shift_and_log_scale(self, x, k):
         """Return the layer's autoregressive shift ``mu`` and log-scale of the input ``x``."""
-        hidden = F.elu(x @ (self.hidden_weight[k] * self._input_masks[k]).T + self.hidden_bias[k])
-        shift, raw_scale = (hidden @ (self.output_weight[k] * self._output_masks[k]).T + self.output_bias[k]).chunk(2, -1)
-        if self.gated:  # the gate's floor keeps it invertible where it would underflow to zero
-            return shift, F.logsigmoid(raw_scale + self.gate_bias).clamp(min=self.log_scale_bounds[0])
-        return shift, raw_scale.clamp(*self.log_scale_bounds)
+        _, shift, raw_scale = self._made(x, k)
+        return shift, self._log_scale(raw_scale)
 
     def _layer(self, x, k):
         shift, log_scale = self._shift_and_log_scale(x, k)
+        return self._output(x, shift, log_scale), log_scale.sum(-1)
+
+    def _output(self, x, shift, log_scale):
         if self.gated:
             gate = log_scale.exp()
-            return gate * x + (1 - gate) * shift, log_scale.sum(-1)
-        return shift + log_scale.exp() * x, log_scale.sum(-1)
+            return gate * x + (1 - gate) * shift
+        return shift + log_scale.exp() * x
 
     def forward_and_log_det(self, x):
         log_det = x.new_zeros(x.shape[:-1])
@@ -95,6 +106,34 @@ class IAF(FlowTransform):
             x, layer_log_det = self._layer(x, k)
             log_det = log_det + layer_log_det
         return x, log_det
+
+    @torch.no_grad()
+    def forward_and_score(self, x, score):
+        # Each layer's Jacobian in closed form (the MADE's is W_out diag(elu') W_in at each point),
+        # triangular in the layer's order: one triangular solve per layer, where a dense Jacobian
+        # by forward-mode differentiation of the whole stack would cost D passes of it.
+        low, high = self.log_scale_bounds
+        for k in range(self.num_layers):
+            pre_activation, shift, raw_scale = self._made(x, k)
+            input_weight = self.hidden_weight[k] * self._input_masks[k]
+            output_weight = self.output_weight[k] * self._output_masks[k]
+            elu_slope = torch.where(pre_activation > 0, 1.0, pre_activation.exp())
+            shift_jacobian, raw_jacobian = ((output_weight * elu_slope.unsqueeze(-2)) @ input_weight).chunk(2, -2)
+            log_scale = self._log_scale(raw_scale)
+            scale = log_scale.exp()
+            if self.gated:  # d log sigmoid(r)/dr = 1 - sigmoid(r); the floor's slope as autograd takes it
+                log_scale_slope = (1 - scale) * (F.logsigmoid(raw_scale + self.gate_bias) >= low)
+                scaled_input, shift_jacobian = scale * (x - shift), (1 - scale).unsqueeze(-1) * shift_jacobian
+            else:  # the clamp's slope as autograd takes it: one on the closed interval
+                log_scale_slope = ((raw_scale >= low) & (raw_scale <= high)).to(x.dtype)
+                scaled_input = scale * x
+            log_scale_jacobian = log_scale_slope.unsqueeze(-1) * raw_jacobian
+            jacobian = shift_jacobian + torch.diag_embed(scale) + scaled_input.unsqueeze(-1) * log_scale_jacobian
+            adjusted = (score - log_scale_jacobian.sum(-2)).unsqueeze(-1)
+            # Even layers see earlier coordinates (J lower-triangular), odd ones later (upper).
+            score = torch.linalg.solve_triangular(jacobian.mT, adjusted, upper=k % 2 == 0).squeeze(-1)
+            x = self._output(x, shift, log_scale)
+        return x, score
 
     def _inverse(self, y):
         for k in reversed(range(self.num_layers)):

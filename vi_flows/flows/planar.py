@@ -58,6 +58,21 @@ class Planar(FlowTransform):
             log_det = log_det + torch.log1p((1 - activation.pow(2)) * u_hat_dot_w[k])
         return x, log_det
 
+    @torch.no_grad()
+    def forward_and_score(self, x, score):
+        # Each layer's Jacobian I + h' u_hat w^T is a rank-one update of the identity: its inverse
+        # transpose is Sherman-Morrison's, O(D) per point (a dense Jacobian costs D forward passes).
+        u_hat, u_hat_dot_w = self._constrained_u()
+        for k in range(self.num_layers):
+            activation = torch.tanh(x @ self.w[k] + self.b[k])
+            slope = 1 - activation.pow(2)
+            determinant = 1 + slope * u_hat_dot_w[k]
+            # minus the gradient of log|det J| = log(1 + h'(a) u_hat.w), with h'' = -2 h h'
+            score = score + (2 * activation * slope * u_hat_dot_w[k] / determinant).unsqueeze(-1) * self.w[k]
+            score = score - (slope * (score @ u_hat[k]) / determinant).unsqueeze(-1) * self.w[k]
+            x = x + activation.unsqueeze(-1) * u_hat[k]
+        return x, score
+
     def _inverse(self, y):
         u_hat, u_hat_dot_w = self._constrained_u()
         for k in reversed(range(self.num_layers)):
