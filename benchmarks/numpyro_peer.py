@@ -153,12 +153,12 @@ def step_table(dims=(10, 100), particle_counts=(1, 16, 64), steps=300):
                 )
 
 
-def our_seconds_to_kl(model, seed):
+def our_seconds_to_kl(model, seed, compile="auto"):
     """Seconds (compiling included, KL checks excluded) until the default AutoFlow's KL <= KL_TARGET
-    under fit's step compiling in the background (``compile="background"``) and default learning
-    rate, the steps taken and the last KL; None seconds where MAX_STEPS pass first."""
+    under fit's step (compiled as ``compile`` says: fit's default, or ``"background"``) and default
+    learning rate, the steps taken and the last KL; None seconds where MAX_STEPS pass first."""
     start = time.perf_counter()
-    step, guide = _our_step(model, AutoFlow, 64, seed, compile="background")
+    step, guide = _our_step(model, AutoFlow, 64, seed, compile=compile)
     learning_rate = LearningRate(1e-2, warmup_steps=100)
     elapsed = 0.0
     try:
@@ -201,18 +201,18 @@ def _seconds(value, steps, kl):
     return f"never, KL {kl:.3f} at {steps}" if value is None else f"{value:.1f} s ({steps})"
 
 
-def _our_seconds_to_kl_cold_and_warm(target, seed):
+def _our_seconds_to_kl_cold_and_warm(target, seed, compile):
     """:func:`our_seconds_to_kl` in a fresh process with an empty Inductor cache (a process keeps
     compiled kernels in memory, so a second fit in it would not start cold), then here with that
     cache, which the first filled."""
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory() as cache:
-        command = [sys.executable, __file__, "kl-ours", "--target", target, "--seeds", str(seed)]
+        command = [sys.executable, __file__, "kl-ours", "--target", target, "--seeds", str(seed), "--compile", compile]
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         cold = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         try:
-            warm = _seconds(*our_seconds_to_kl(TARGETS[target][0], seed))
+            warm = _seconds(*our_seconds_to_kl(TARGETS[target][0], seed, compile))
         finally:
             if previous is None:
                 del os.environ["TORCHINDUCTOR_CACHE_DIR"]
@@ -221,15 +221,15 @@ def _our_seconds_to_kl_cold_and_warm(target, seed):
     return cold, warm
 
 
-def kl_table(seeds=(0, 1, 2), targets=tuple(TARGETS)):
-    print(f"seconds (steps) to KL <= {KL_TARGET}, compiling included; never: not within {MAX_STEPS} steps")
+def kl_table(seeds=(0, 1, 2), targets=tuple(TARGETS), compile="auto"):
+    print(f"seconds (steps) to KL <= {KL_TARGET}, compiling included (compile={compile!r}); never: not within {MAX_STEPS} steps")
     print("vi-flows cold: a fresh process with an empty Inductor cache; warm: then this process with that cache")
     header = f"{'target':<8} {'seed':>4} {'vi-flows cold':>18} {'vi-flows warm':>18} "
     print(header + " ".join(f"{name:>28}" for name in NUMPYRO_KL_GUIDES))
     for target in targets:
         _, theirs = TARGETS[target]
         for seed in seeds:
-            row = list(_our_seconds_to_kl_cold_and_warm(target, seed))
+            row = list(_our_seconds_to_kl_cold_and_warm(target, seed, compile))
             for make_guide, lr, num_particles in NUMPYRO_KL_GUIDES.values():
                 row.append(_seconds(*their_seconds_to_kl(theirs, make_guide, lr, num_particles, seed)))
             print(f"{target:<8} {seed:>4} {row[0]:>18} {row[1]:>18} " + " ".join(f"{cell:>28}" for cell in row[2:]), flush=True)
@@ -254,15 +254,16 @@ def main(argv=None):
     parser.add_argument("which", nargs="?", default="all", choices=["step", "kl", "grid", "all", "kl-ours"])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for kl (one for kl-ours)")
     parser.add_argument("--target", choices=list(TARGETS), help="kl, kl-ours: this target only")
+    parser.add_argument("--compile", default="auto", choices=["auto", "background"], help="kl, kl-ours: fit's compile option")
     args = parser.parse_args(argv)
     if args.which == "kl-ours":  # one cell of the kl table, in a process of its own
-        print(_seconds(*our_seconds_to_kl(TARGETS[args.target][0], int(args.seeds))))
+        print(_seconds(*our_seconds_to_kl(TARGETS[args.target][0], int(args.seeds), args.compile)))
         return
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, jax {jax.__version__}, numpyro {numpyro.__version__}")
     if args.which in ("step", "all"):
         step_table()
     if args.which in ("kl", "all"):
-        kl_table(tuple(int(seed) for seed in args.seeds.split(",")), (args.target,) if args.target else tuple(TARGETS))
+        kl_table(tuple(int(seed) for seed in args.seeds.split(",")), (args.target,) if args.target else tuple(TARGETS), args.compile)
     if args.which == "grid":
         numpyro_grid()
 
