@@ -100,7 +100,7 @@ def main(argv=None):
         report = numpyro_iaf(int(size)) if kind == "numpyro" else ours(int(size), rest[0], int(rest[1]))
         print(json.dumps({**report, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
-    print(f"P | guide | parameters | build s | compile s | ms/step | peak MB | KL start | KL after the fit (steps, seconds) | rollbacks | ms/step ratio to NumPyro IAF(2)")
+    print("P | guide | parameters | build s | compile s | ms/step | peak MB | KL start | KL after the fit (steps, seconds) | rollbacks | ms/step ratio to NumPyro IAF(2)")
     for size in args.dims:
         theirs = _cell("numpyro", size)
         print(f"{size} | NumPyro AutoIAFNormal(2) | | | | {theirs['ms_per_step']:.1f} | {theirs['peak_mb']:.0f} | | |", flush=True)

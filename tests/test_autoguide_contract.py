@@ -1,6 +1,5 @@
 """AutoFlow behaves as a Pyro autoguide where Pyro's own autoguide tests found it did not."""
 
-import io
 import warnings
 
 import pyro

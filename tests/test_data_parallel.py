@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from data_parallel_worker import FIT_ITEMS, FIT_SUBSAMPLE, REGRESSION_SUBSAMPLES, ROW_OFFSET, gradient_step, refreshed_step, regression_data, regression_step
+from data_parallel_worker import FIT_ITEMS, REGRESSION_SUBSAMPLES, ROW_OFFSET, gradient_step, refreshed_step, regression_data, regression_step
 from test_local import closed_form, grouped_data
 from vi_flows import AutoFlow, to_inference_data
 from vi_flows.data_parallel import Shard, ShardedSubsamples

@@ -9,7 +9,6 @@ from vi_flows import AutoFlow, fit
 from vi_flows.diagnostics import log_importance_weights
 from vi_flows.particles import Particles, choose, log_densities
 from vi_flows.pyro_internals import max_plate_nesting
-from vi_flows.zoo import load_model
 
 pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
