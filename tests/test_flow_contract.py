@@ -97,9 +97,11 @@ def test_pushed_forward_score_matches_autograd(name, batch_shape):
     assert_pushed_score_matches_autograd(random_flow(name, 5, seed=3), torch.randn(batch_shape + (5,), dtype=torch.float64))
 
 
-def test_pushed_forward_score_of_gated_iaf_and_composed_flows_matches_autograd():
+def test_pushed_forward_score_of_other_options_and_composed_flows_matches_autograd():
     torch.manual_seed(1)
-    for flow in (build_flow("iaf*3", 5, iaf={"gated": True}), build_flow("planar*2+iaf*2+radial", 5)):
+    bottleneck = {"sylvester-orthogonal": {"bottleneck": 2}}
+    flows = build_flow("iaf*3", 5, iaf={"gated": True}), build_flow("sylvester-orthogonal*2", 5, **bottleneck), build_flow("planar*2+iaf*2+radial", 5)
+    for flow in flows:
         flow = flow.double()
         with torch.no_grad():  # far from the identity, as random_flow moves them
             for parameter in flow.parameters():

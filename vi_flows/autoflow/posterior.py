@@ -6,7 +6,7 @@ whose expectation is zero; leaving it out keeps the estimate unbiased for ``Trac
 objectives and its variance vanishes as :math:`q` approaches the posterior. What remains is
 :math:`\log q` differentiated only through the draw. Computing that needs the score of :math:`q`
 at every draw, carried through the flow layer by layer (:func:`~vi_flows.flows.base.forward_and_score`:
-closed forms for planar and IAF layers, a dense Jacobian for others), so objectives use it at small
+a closed form per built-in family, a dense Jacobian for other transforms), so objectives use it at small
 dimensions only (:func:`vi_flows.compiled_elbo.negative_elbo`, which :func:`vi_flows.fit` runs).
 """
 

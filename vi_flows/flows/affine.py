@@ -43,6 +43,12 @@ class Affine(FlowTransform):
         shift, log_scale = self._shift_and_log_scale()
         return shift + log_scale.exp() * x, log_scale.sum(-1).expand(x.shape[:-1])
 
+    def forward_and_score(self, x, score):
+        # A diagonal Jacobian and a constant log|det J|: the score is divided by the scales.
+        shift, log_scale = self._shift_and_log_scale()
+        scale = log_scale.exp()
+        return shift + scale * x, score / scale
+
     def _inverse(self, y):
         shift, log_scale = self._shift_and_log_scale()
         return (y - shift) * torch.exp(-log_scale)

@@ -59,5 +59,9 @@ class Householder(FlowTransform):
     def forward_and_log_det(self, x):
         return self._reflect(x, range(self.num_layers)), x.new_zeros(x.shape[:-1])
 
+    def forward_and_score(self, x, score):
+        # Orthogonal and volume-preserving: J^-T = J, so the score turns with the points.
+        return self._reflect(x, range(self.num_layers)), self._reflect(score, range(self.num_layers))
+
     def _inverse(self, y):
         return self._reflect(y, reversed(range(self.num_layers)))

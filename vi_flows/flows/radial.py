@@ -61,6 +61,25 @@ class Radial(FlowTransform):
             )
         return x, log_det
 
+    @torch.no_grad()
+    def forward_and_score(self, x, score):
+        # Each layer's Jacobian, (1 + g) I + r g'(r) e e^T with e the unit offset, is symmetric, with
+        # eigenvalue 1 + g across e and 1 + alpha beta / (alpha + r)^2 along it: inverted in O(D).
+        alpha, beta = self._alpha_beta()
+        for k in range(self.num_layers):
+            offset = x - self.centre[k]
+            radius = offset.norm(dim=-1)
+            unit = offset / radius.clamp(min=torch.finfo(x.dtype).tiny).unsqueeze(-1)
+            distance = alpha[k] + radius
+            gain = beta[k] / distance
+            across, along = 1 + gain, 1 + alpha[k] * beta[k] / distance.pow(2)
+            # d log|det J| / dr, which points along e
+            log_det_slope = -(self.dim - 1) * gain / (distance * across) - 2 * alpha[k] * beta[k] / (distance.pow(3) * along)
+            score = score - log_det_slope.unsqueeze(-1) * unit
+            score = score / across.unsqueeze(-1) + ((1 / along - 1 / across) * (score * unit).sum(-1)).unsqueeze(-1) * unit
+            x = x + gain.unsqueeze(-1) * offset
+        return x, score
+
     def _inverse(self, y):
         alpha, beta = self._alpha_beta()
         for k in reversed(range(self.num_layers)):

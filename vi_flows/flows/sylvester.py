@@ -56,6 +56,27 @@ class _Sylvester(FlowTransform):
             log_det = log_det + torch.log1p((1 - activation.pow(2)) * diag_products[k]).sum(-1)
         return x, log_det
 
+    @torch.no_grad()
+    def forward_and_score(self, x, score):
+        # J^T = I + Q M Q^T with M = R~^T diag(h') R^T, lower triangular M x M; as Q^T Q = I,
+        # Woodbury's identity gives J^-T v = v - Q (I + M)^-1 M Q^T v: one triangular solve of size M.
+        q, r, r_tilde, diag_products = self._layer_maps()
+        maps_in = q @ r_tilde.transpose(-1, -2)
+        maps_out = (q @ r).transpose(-1, -2)
+        identity = torch.eye(self.bottleneck, dtype=x.dtype, device=x.device)
+        for k in range(self.num_layers):
+            activation = torch.tanh(x @ maps_in[k] + self.bias[k])
+            slope = 1 - activation.pow(2)
+            # the gradient of log|det J| = sum log(1 + h'_i R_ii R~_ii), with h'' = -2 h h'
+            log_det_slope = -2 * activation * slope * diag_products[k] / (1 + slope * diag_products[k])
+            score = score - log_det_slope @ maps_in[k].transpose(-1, -2)
+            middle = r_tilde[k].transpose(-1, -2) * slope.unsqueeze(-2) @ r[k].transpose(-1, -2)
+            projected = middle @ (score @ q[k]).unsqueeze(-1)
+            solved = torch.linalg.solve_triangular(identity + middle, projected, upper=False).squeeze(-1)
+            score = score - solved @ q[k].transpose(-1, -2)
+            x = x + activation @ maps_out[k]
+        return x, score
+
     def _inverse(self, y):
         # Q^T z' = u + R tanh(R~ u + b) with u = Q^T z is upper triangular in u: solve it from the
         # last coordinate up, each step an increasing scalar equation; the part of z orthogonal
