@@ -159,6 +159,7 @@ def forward_and_score_by_jacobian(transform, x, score):
     override :meth:`FlowTransform.forward_and_score`."""
     with torch.no_grad():
         flat = x.detach().reshape(-1, x.shape[-1])
+
         def with_output(point):
             y, log_det = forward_and_log_det(transform, point)
             return (y, log_det), y
