@@ -10,8 +10,9 @@ the default ``AutoFlow``, beside NumPyro's ``jit(svi.update)`` on ``AutoDiagonal
 ``kl`` prints the seconds, compiling included, until KL(q || p) = log Z - ELBO (from 4096 draws,
 checked every 250 steps, the checks not timed) is at most 0.05 on the 10-D funnel and the banana:
 the default ``AutoFlow`` with ``fit``'s default step (64 particles, learning rate 1e-2 after its
-warm-up), from an empty Inductor cache (a fresh process each) and a warm one, against NumPyro's
-IAF and BNAF guides, whose 250-step blocks run in one ``lax.scan``.
+warm-up; ``--compile background``: compiling in a worker process meanwhile), from an empty Inductor
+cache (a fresh process each) and a warm one, against NumPyro's IAF and BNAF guides, whose 250-step
+blocks run in one ``lax.scan``.
 ``grid`` prints the KL that NumPyro's flow guides reach in 10000 steps over learning rates and
 particle counts, which chose the settings of ``kl``.
 """

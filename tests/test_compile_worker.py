@@ -108,13 +108,13 @@ def test_a_step_that_is_never_used_stops_its_worker(empty_inductor_cache):
 def test_closing_a_step_can_let_its_worker_fill_the_cache(empty_inductor_cache):
     module = load_model("banana")
 
-    def auto_step():
+    def background_step():
         pyro.clear_param_store()
         guide = AutoFlow(module.model, flow="planar", init="prior")
         return ELBOStep(module.model, guide, num_particles=8, max_plate_nesting=max_plate_nesting(module.model, guide), compile="background")
 
-    first = auto_step()
+    first = background_step()
     assert not first.compiled  # a worker compiles it
     first.close(wait=True)
-    again = auto_step()
+    again = background_step()
     assert again.compiled and again.compiled_from_step == 0

@@ -14,7 +14,9 @@ NEAR_IDENTITY = 1e-2
 class FlowTransform(TransformModule):
     """A bijection of R^D (``event_dim`` 1) whose forward pass also yields log|det J|.
 
-    Subclasses implement :meth:`forward_and_log_det` and :meth:`_inverse`. The log-determinant
+    Subclasses implement :meth:`forward_and_log_det` and :meth:`_inverse`; a family whose Jacobian
+    inverts in closed form also overrides :meth:`forward_and_score` (sticking the landing), which
+    otherwise costs a dense Jacobian at every point. The log-determinant
     of the last forward pass is kept with its output, so scoring a fresh sample costs nothing
     extra; for any other pair ``(x, y)`` it is recomputed from ``x``, so points the flow did not
     just sample (reference draws, data) are scored exactly rather than with a stale value.
@@ -40,7 +42,8 @@ class FlowTransform(TransformModule):
         raise NotImplementedError
 
     def forward_and_score(self, x, score):
-        """``(y, score_y)`` as :func:`forward_and_score` defines them; by default from the dense Jacobian."""
+        """``(y, score_y)`` as :func:`forward_and_score` defines them (it calls this without gradients
+        and detaches the result); by default from the dense Jacobian."""
         return forward_and_score_by_jacobian(self, x, score)
 
     def _call(self, x):
@@ -157,14 +160,13 @@ def forward_and_score_by_jacobian(transform, x, score):
     """:func:`forward_and_score` for any transform, from its dense Jacobian at every point (forward-mode
     differentiation, D directions per point) and a linear solve: families with a cheaper closed form
     override :meth:`FlowTransform.forward_and_score`."""
-    with torch.no_grad():
-        flat = x.detach().reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
 
-        def with_output(point):
-            y, log_det = forward_and_log_det(transform, point)
-            return (y, log_det), y
+    def with_output(point):
+        y, log_det = forward_and_log_det(transform, point)
+        return (y, log_det), y
 
-        (jacobian, log_det_gradient), y = torch.func.vmap(torch.func.jacfwd(with_output, has_aux=True))(flat)
-        adjusted = score.reshape(flat.shape) - log_det_gradient
-        # solve_ex: no error-checking op in a compiled graph, which would keep it out of PyTorch's cache.
-        return y.reshape(x.shape), torch.linalg.solve_ex(jacobian.mT, adjusted)[0].reshape(x.shape)
+    (jacobian, log_det_gradient), y = torch.func.vmap(torch.func.jacfwd(with_output, has_aux=True))(flat)
+    adjusted = score.reshape(flat.shape) - log_det_gradient
+    # solve_ex: no error-checking op in a compiled graph, which would keep it out of PyTorch's cache.
+    return y.reshape(x.shape), torch.linalg.solve_ex(jacobian.mT, adjusted)[0].reshape(x.shape)

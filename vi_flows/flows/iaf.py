@@ -74,10 +74,15 @@ class IAF(FlowTransform):
         self.output_weight = nn.Parameter(torch.empty(num_layers, 2 * dim, self.hidden_dim).uniform_(-out_bound, out_bound))
         self.output_bias = nn.Parameter(torch.zeros(num_layers, 2 * dim))
 
+    def _masked_weights(self, k):
+        """The layer's MADE weights, input to hidden and hidden to output, with their masks applied."""
+        return self.hidden_weight[k] * self._input_masks[k], self.output_weight[k] * self._output_masks[k]
+
     def _made(self, x, k):
         """The layer's MADE at the input ``x``: its hidden pre-activation, shift ``mu`` and raw scale."""
-        pre_activation = x @ (self.hidden_weight[k] * self._input_masks[k]).T + self.hidden_bias[k]
-        output = F.elu(pre_activation) @ (self.output_weight[k] * self._output_masks[k]).T + self.output_bias[k]
+        input_weight, output_weight = self._masked_weights(k)
+        pre_activation = x @ input_weight.T + self.hidden_bias[k]
+        output = F.elu(pre_activation) @ output_weight.T + self.output_bias[k]
         return (pre_activation, *output.chunk(2, -1))
 
     def _log_scale(self, raw_scale):
@@ -107,7 +112,6 @@ class IAF(FlowTransform):
             log_det = log_det + layer_log_det
         return x, log_det
 
-    @torch.no_grad()
     def forward_and_score(self, x, score):
         # Each layer's Jacobian in closed form (the MADE's is W_out diag(elu') W_in at each point),
         # triangular in the layer's order: one triangular solve per layer, where a dense Jacobian
@@ -115,8 +119,7 @@ class IAF(FlowTransform):
         low, high = self.log_scale_bounds
         for k in range(self.num_layers):
             pre_activation, shift, raw_scale = self._made(x, k)
-            input_weight = self.hidden_weight[k] * self._input_masks[k]
-            output_weight = self.output_weight[k] * self._output_masks[k]
+            input_weight, output_weight = self._masked_weights(k)
             elu_slope = torch.where(pre_activation > 0, 1.0, pre_activation.exp())
             shift_jacobian, raw_jacobian = ((output_weight * elu_slope.unsqueeze(-2)) @ input_weight).chunk(2, -2)
             log_scale = self._log_scale(raw_scale)

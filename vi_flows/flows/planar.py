@@ -58,7 +58,6 @@ class Planar(FlowTransform):
             log_det = log_det + torch.log1p((1 - activation.pow(2)) * u_hat_dot_w[k])
         return x, log_det
 
-    @torch.no_grad()
     def forward_and_score(self, x, score):
         # Each layer's Jacobian I + h' u_hat w^T is a rank-one update of the identity: its inverse
         # transpose is Sherman-Morrison's, O(D) per point (a dense Jacobian costs D forward passes).

@@ -61,7 +61,6 @@ class Radial(FlowTransform):
             )
         return x, log_det
 
-    @torch.no_grad()
     def forward_and_score(self, x, score):
         # Each layer's Jacobian, (1 + g) I + r g'(r) e e^T with e the unit offset, is symmetric, with
         # eigenvalue 1 + g across e and 1 + alpha beta / (alpha + r)^2 along it: inverted in O(D).

@@ -9,6 +9,11 @@ from .base import NEAR_IDENTITY, FlowTransform, solve_monotone
 from .householder import householder_product
 
 
+def _row_maps(q, r, r_tilde):
+    """The input map ``Q R~^T`` and output map ``(Q R)^T`` of row vectors, per layer."""
+    return q @ r_tilde.transpose(-1, -2), (q @ r).transpose(-1, -2)
+
+
 class _Sylvester(FlowTransform):
     r"""Shared body of the three Sylvester variants; subclasses say how ``Q`` is made.
 
@@ -36,7 +41,7 @@ class _Sylvester(FlowTransform):
         raise NotImplementedError
 
     def _layer_maps(self):
-        """Return the input map ``Q R~^T``, the output map ``(Q R)^T`` and the diagonal products."""
+        """Return ``Q``, the triangular ``R`` and ``R~`` (diagonals in (-1, 1)) and their diagonals' products."""
         # tanh keeps every diagonal in (-1, 1), so r_ii * r~_ii > -1 >= -1 / max tanh': invertible.
         r_diag = torch.tanh(self.r_diag_raw)
         r_tilde_diag = torch.tanh(self.r_tilde_diag_raw)
@@ -47,8 +52,7 @@ class _Sylvester(FlowTransform):
 
     def forward_and_log_det(self, x):
         q, r, r_tilde, diag_products = self._layer_maps()
-        maps_in = q @ r_tilde.transpose(-1, -2)
-        maps_out = (q @ r).transpose(-1, -2)
+        maps_in, maps_out = _row_maps(q, r, r_tilde)
         log_det = x.new_zeros(x.shape[:-1])
         for k in range(self.num_layers):
             activation = torch.tanh(x @ maps_in[k] + self.bias[k])
@@ -56,13 +60,11 @@ class _Sylvester(FlowTransform):
             log_det = log_det + torch.log1p((1 - activation.pow(2)) * diag_products[k]).sum(-1)
         return x, log_det
 
-    @torch.no_grad()
     def forward_and_score(self, x, score):
         # J^T = I + Q M Q^T with M = R~^T diag(h') R^T, lower triangular M x M; as Q^T Q = I,
         # Woodbury's identity gives J^-T v = v - Q (I + M)^-1 M Q^T v: one triangular solve of size M.
         q, r, r_tilde, diag_products = self._layer_maps()
-        maps_in = q @ r_tilde.transpose(-1, -2)
-        maps_out = (q @ r).transpose(-1, -2)
+        maps_in, maps_out = _row_maps(q, r, r_tilde)
         identity = torch.eye(self.bottleneck, dtype=x.dtype, device=x.device)
         for k in range(self.num_layers):
             activation = torch.tanh(x @ maps_in[k] + self.bias[k])
