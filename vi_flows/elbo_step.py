@@ -15,6 +15,7 @@ from .clipping import clip_gradient
 from .compiled_elbo import CompileError, first_score_function_site, is_subsampled, negative_elbo, trace_negative_elbo
 from .compiled_step import CompiledAdamStep
 from .data_parallel import OWN_DATA, DataParallel
+from .inductor import start_probing_cpu
 from .item_steps import lazy_adam_step
 from .messages import first_line
 from .particles import choose
@@ -128,6 +129,8 @@ class ELBOStep:
         """Trace the whole step and compile it: here, or with ``compile="background"`` where
         Inductor's cache lacks it, in a worker process while the first steps run eagerly."""
         start = time.perf_counter()
+        if all(param.device.type == "cpu" for param in self.params):
+            start_probing_cpu()  # meanwhile, tracing
         try:
             with torch.random.fork_rng():  # tracing runs the loss; the steps draw what eager steps would
                 graph = trace_negative_elbo(

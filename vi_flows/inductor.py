@@ -9,10 +9,15 @@ function Dynamo calls, takes the graph as it is; given a fake-tensor context wit
 environment (what Dynamo would have made), its FX graph cache answers as under Dynamo.
 
 Inductor writes the thread count into its CPU kernels; it is passed in (the threads the fit will
-step on), not read from the global setting.
+step on), not read from the global setting. On the CPU the step's kernels are called from C++
+(Inductor's ``cpp_wrapper``), not from a Python function: that function, one call per kernel and
+per buffer, was a third of a small model's step (the banana's 0.45 ms, 0.31 ms without it;
+the funnel's 1.0 ms, 0.79), and compiling costs no more (``python benchmarks/compile_cost.py``).
 """
 
+import contextlib
 import os
+import threading
 import warnings
 
 import torch
@@ -21,11 +26,30 @@ try:  # private: its home has moved between releases
     from torch._guards import TracingContext, tracing
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 except ImportError:  # pragma: no cover - fall back to the public route
-    compile_fx = cache_dir = None
+    compile_fx = cache_dir = pick_vec_isa = None
+
+_cpu_probe = None
+
+
+def start_probing_cpu():
+    """Start Inductor's once-per-process probe of the CPU's vector instructions in a thread, so that
+    it overlaps the tracing that precedes compiling. The probe loads a test library in a child Python
+    per instruction set, about 1 s, paid even when every graph comes from Inductor's cache: a
+    quarter of building the default flow's step from the cache (``compile_cost.py banana``)."""
+    global _cpu_probe
+    if _cpu_probe is None and pick_vec_isa is not None:
+        _cpu_probe = threading.Thread(target=_probe_quietly, name="vi-flows-cpu-probe", daemon=True)
+        _cpu_probe.start()
+
+
+def _probe_quietly():
+    with contextlib.suppress(Exception):  # compiling probes again, and raises there
+        pick_vec_isa()
 
 
 def compile_graph(graph, example_inputs, num_threads):
@@ -34,7 +58,10 @@ def compile_graph(graph, example_inputs, num_threads):
     same inputs. Nothing is run. Compiled for inference: a gradient the graph needs is in it."""
     if compile_fx is None:
         return torch.compile(graph, fullgraph=True, dynamic=False)
-    with warnings.catch_warnings(), torch.no_grad(), config.patch({"cpp.threads": num_threads}):
+    if _cpu_probe is not None:
+        _cpu_probe.join()  # Inductor's cache of the probe's answer takes no lock
+    on_cpu = all(x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor))
+    with warnings.catch_warnings(), torch.no_grad(), config.patch({"cpp.threads": num_threads, "cpp_wrapper": on_cpu}):
         # The compiler's own deprecation notices say nothing about the user's model.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
