@@ -72,12 +72,11 @@ class CompiledAdamStep:
             _init_adam_state(optimizer, param)
 
     def _inputs(self):
-        """The optimiser's per-parameter states and the graph's inputs. Read at every step: restoring
-        a state_dict puts new tensors in the optimiser's state."""
+        """The graph's inputs: the params, their optimiser states, the rate. Read at every step:
+        restoring a state_dict puts new tensors in the optimiser's state."""
         states = [self.optimizer.state[param] for param in self.params]
-        averages = [state["exp_avg"] for state in states]
-        squares = [state["exp_avg_sq"] for state in states]
-        return states, (*self.params, *averages, *squares, states[0]["step"], self._lr)
+        averages, squares, steps = ([state[key] for state in states] for key in ("exp_avg", "exp_avg_sq", "step"))
+        return (*self.params, *averages, *squares, *steps, self._lr)
 
     @property
     def in_background(self):
@@ -110,10 +109,7 @@ class CompiledAdamStep:
     @torch.no_grad()
     def __call__(self, lr):
         self._lr.fill_(lr)
-        states, inputs = self._inputs()
-        loss = self._run(inputs, reduce=self._reduce is not None)
-        torch._foreach_add_([state["step"] for state in states], 1.0)
-        return loss.item()
+        return self._run(self._inputs(), reduce=self._reduce is not None).item()
 
     def _run(self, inputs, reduce):
         graphs = self._graphs if self._graphs is not None else self.finish()
@@ -130,12 +126,12 @@ class CompiledAdamStep:
 
 
 def _example_inputs(params, lr):
-    """Fresh inputs for the step: copies of the params, zero Adam moments and step count, ``lr``."""
+    """Fresh inputs for the step: copies of the params, zero Adam moments and step counts, ``lr``."""
     with torch.no_grad():
         copies = [param.detach().clone().requires_grad_(param.requires_grad) for param in params]
         averages, squares = ([torch.zeros_like(param) for param in params] for _ in range(2))
-        step = torch.zeros((), dtype=torch.float32, device=params[0].device)  # as fused Adam keeps it
-    return [*copies, *averages, *squares, step, lr.clone()]
+        steps = [torch.zeros((), dtype=torch.float32, device=param.device) for param in params]  # as fused Adam keeps them
+    return [*copies, *averages, *squares, *steps, lr.clone()]
 
 
 def _traced(function, example_inputs):
@@ -189,16 +185,16 @@ def _flat_loss_and_gradients(loss_graph, *params):
 
 def _update(loss_graph, apply, count):
     """The update alone, a function of (params, gradients, first moments, second moments, step
-    count, lr, the indices of the tables read by rows, as :func:`_flat_loss_and_gradients` gives them)."""
+    counts, lr, the indices of the tables read by rows, as :func:`_flat_loss_and_gradients` gives them)."""
     layout = getattr(loss_graph, "table_rows", None)
 
     def update(*inputs):
         subsamples = [None] * count
         if layout is not None:
             order = sorted(zip(layout.positions, layout.dims))  # the order the gradients' graph gives them
-            for (position, dim), indices in zip(order, inputs[4 * count + 2 :]):
+            for (position, dim), indices in zip(order, inputs[5 * count + 1 :]):
                 subsamples[position] = (dim, indices)
-        apply(inputs[:count], *_split_state(inputs[count : 4 * count + 2], count), subsamples)
+        apply(inputs[:count], *_split_state(inputs[count : 5 * count + 1], count), subsamples)
 
     return update
 
@@ -221,12 +217,12 @@ def _example_gradients(loss_graph, params):
 
 
 def _split_state(inputs, count):
-    """``(gradients, first moments, second moments, step count, lr)`` of the update's inputs after the params."""
-    return inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count], inputs[3 * count], inputs[3 * count + 1]
+    """``(gradients, first moments, second moments, step counts, lr)`` of the update's inputs after the params."""
+    return inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count], inputs[3 * count : 4 * count], inputs[4 * count]
 
 
 def _one_graph(loss_graph, apply, count):
-    """The whole step as one function of (params, first moments, second moments, step count, lr)."""
+    """The whole step as one function of (params, first moments, second moments, step counts, lr)."""
 
     def update(*inputs):
         params = inputs[:count]
@@ -242,8 +238,8 @@ def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):
     arithmetic; lazily (:mod:`~vi_flows.item_steps`) for the params where ``lazy`` is true, on the
     rows read alone where ``subsamples`` gives them (``(dim, indices)``; the gradient is the rows')."""
 
-    def apply(params, gradients, averages, squares, step, lr, subsamples):
-        step = step.to(torch.float64) + 1
+    def apply(params, gradients, averages, squares, steps, lr, subsamples):
+        step = steps[0].to(torch.float64) + 1  # the parameters step together
         step_size = lr / (1 - beta1**step)
         root_correction = (1 - beta2**step).sqrt()
 
@@ -266,5 +262,7 @@ def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):
                 mask = lazy_mask(gradient) if is_lazy else None
                 for tensor, value in zip(tensors, adam(param, gradient, average, square)):
                     tensor.copy_(value if mask is None else torch.where(mask, value, tensor))
+            for step_count in steps:  # here, in compiled code: from Python they cost 0.04 ms a step
+                step_count.add_(1)
 
     return apply

@@ -16,6 +16,7 @@ the funnel's 1.0 ms, 0.79), and compiling costs no more (``python benchmarks/com
 """
 
 import contextlib
+import logging
 import os
 import threading
 import warnings
@@ -61,11 +62,28 @@ def compile_graph(graph, example_inputs, num_threads):
     if _cpu_probe is not None:
         _cpu_probe.join()  # Inductor's cache of the probe's answer takes no lock
     on_cpu = all(x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor))
-    with warnings.catch_warnings(), torch.no_grad(), config.patch({"cpp.threads": num_threads, "cpp_wrapper": on_cpu}):
+    with warnings.catch_warnings(), _quiet_dispatcher_fallbacks(), torch.no_grad(), config.patch({"cpp.threads": num_threads, "cpp_wrapper": on_cpu}):
         # The compiler's own deprecation notices say nothing about the user's model.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
             return compile_fx(graph, list(example_inputs))
+
+
+@contextlib.contextmanager
+def _quiet_dispatcher_fallbacks():
+    """Without the warning Inductor logs for each operation its C++ wrapper calls through PyTorch's
+    dispatcher (those without a C shim, such as the flows' triangular solves): a detail of the
+    compiler, which works, that says nothing about the user's model."""
+    logger = logging.getLogger("torch._inductor.ir")
+
+    def keep(record):
+        return "c-shim" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def cache_marker(name):
