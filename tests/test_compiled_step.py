@@ -37,8 +37,8 @@ def _eager_step(module, num_particles=8, sticking_the_landing=False, clip_norm=1
     return guide, nesting, step
 
 
-def _traced(module, guide, step, sticking_the_landing=False):
-    return trace_negative_elbo(module.model, guide, step.params, step.particles, sticking_the_landing=sticking_the_landing)
+def _traced(module, guide, step, sticking_the_landing=False, gradients=True):
+    return trace_negative_elbo(module.model, guide, step.params, step.particles, sticking_the_landing=sticking_the_landing, gradients=gradients)
 
 
 @pytest.mark.parametrize("sticking_the_landing", [False, True], ids=["elbo", "stl"])
@@ -46,19 +46,25 @@ def _traced(module, guide, step, sticking_the_landing=False):
 def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name, sticking_the_landing):
     module = load_model(name)
     guide, nesting, step = _eager_step(module, sticking_the_landing=sticking_the_landing)
-    graph = _traced(module, guide, step, sticking_the_landing)
+    graph = _traced(module, guide, step, sticking_the_landing, gradients=False)
+    with_gradients = _traced(module, guide, step, sticking_the_landing)
     pyros = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=nesting)
     results = []
     for loss in (functools.partial(pyros.differentiable_loss, module.model, guide), step.loss, lambda: graph(*step.params)):
         pyro.set_rng_seed(0)  # the same draws
         value = loss()
         results.append((value, torch.autograd.grad(value, step.params)))
-    (pyro_value, pyro_grads), (eager, eager_grads), (traced, traced_grads) = results
-    assert torch.allclose(eager, pyro_value, rtol=1e-5) and torch.allclose(traced, eager, rtol=1e-5)
-    # The path-derivative gradient is the objective's own; without it all three agree.
-    for traced_grad, eager_grad, pyro_grad in zip(traced_grads, eager_grads, pyro_grads):
-        assert torch.allclose(traced_grad, eager_grad, rtol=1e-4, atol=1e-5)
-        assert sticking_the_landing or torch.allclose(eager_grad, pyro_grad, rtol=1e-4, atol=1e-5)
+    pyro.set_rng_seed(0)
+    results.append((lambda value, *gradients: (value, gradients))(*with_gradients(*step.params)))
+    (pyro_value, pyro_grads), (eager, eager_grads), *traced_results = results
+    assert torch.allclose(eager, pyro_value, rtol=1e-5)
+    # The path-derivative gradient is the objective's own; without it all agree. The loss's graph
+    # differentiated and the graph traced with its gradients give the eager gradients.
+    for traced, traced_grads in traced_results:
+        assert torch.allclose(traced, eager, rtol=1e-5)
+        for traced_grad, eager_grad, pyro_grad in zip(traced_grads, eager_grads, pyro_grads, strict=True):
+            assert torch.allclose(traced_grad, eager_grad, rtol=1e-4, atol=1e-5)
+            assert sticking_the_landing or torch.allclose(eager_grad, pyro_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_parameters_the_traced_loss_does_not_read_are_refused():
@@ -76,7 +82,7 @@ def _snapshot(step):
 
 def _eager_and_one_graph_runs(step, graph, reduce=None):
     """Three steps of ``step`` (seeds 10-12; its control variate, where it has one, re-anchored after
-    the first) from its current parameters, eagerly and through the whole step traced as one graph (``graph``: the traced loss; with ``reduce``, two graphs and
+    the first) from its current parameters, eagerly and through the whole step traced as one graph (``graph``: the loss traced with its gradients; with ``reduce``, two graphs and
     ``reduce`` between them, as data-parallel) with ``step``'s clip, per-item tables and noise clip:
     the start, then ``(losses, params, optimiser state)`` of each run."""
     start = [param.detach().clone() for param in step.params]
@@ -129,7 +135,7 @@ def test_the_one_graph_step_takes_the_eager_steps_with_lazy_tables_and_the_noise
     assert step.subsampled and len(step.tables) == 2
     assert step.control_variate is not None  # the default on a subsampled plate
     graph = trace_negative_elbo(
-        latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True, control_variate=step.control_variate, item_tables=step.tables
+        latent_tau_model, guide, step.params, step.particles, data, 50, sticking_the_landing=True, control_variate=step.control_variate, item_tables=step.tables, gradients=True
     )
     # The graph reads both tables by the subsample's rows: the step differentiates and updates those alone.
     tables = {id(table) for table in step.tables}

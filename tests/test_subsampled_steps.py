@@ -75,7 +75,7 @@ def test_the_compiled_step_computes_nothing_as_large_as_the_items(fresh_param_st
     step = ELBOStep(latent_tau_model, guide, data, subsample, num_particles=8, max_plate_nesting=2, sticking_the_landing=True, threads=1)
 
     def large_operations(item_tables):
-        graph = trace_negative_elbo(latent_tau_model, FastSubsamples()(guide), step.params, step.particles, data, subsample, sticking_the_landing=True, item_tables=item_tables)
+        graph = trace_negative_elbo(latent_tau_model, FastSubsamples()(guide), step.params, step.particles, data, subsample, sticking_the_landing=True, item_tables=item_tables, gradients=True)
         whole_step = CompiledAdamStep(graph, step.params, step.optimizer, step.clip_norm, step.tables, step.subsampled, backend=None)._graphs[0]
         values = [(node.target, node.meta.get("val")) for node in whole_step.graph.nodes if node.op == "call_function"]
         return {str(target) for target, value in values if isinstance(value, torch.Tensor) and value.numel() >= groups}

@@ -70,7 +70,7 @@ def negative_elbo(model, guide, particles, *args, sticking_the_landing=False, co
     return (log_q - log_p).mean()
 
 
-def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, control_variate=None, item_tables=(), **kwargs):
+def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_landing=False, control_variate=None, item_tables=(), gradients=False, **kwargs):
     """:func:`negative_elbo` traced into a graph of tensor operations (``make_fx``): a
     ``GraphModule`` whose inputs are ``params`` (the unconstrained parameter tensors of model and
     guide, as Pyro's ``SVI`` collects them), so gradients reach them as in eager mode, and whose
@@ -78,6 +78,8 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
     Where the per-item tables among ``params`` (``item_tables``) are all read by the rows of one
     subsample, the graph also returns those rows and indices, as its ``table_rows`` says
     (:class:`~vi_flows.item_steps.TableRows`), so that a step can differentiate and update the rows alone.
+    With ``gradients``, the graph returns instead the loss (detached) and its gradients, traced with
+    it (:func:`loss_and_gradients`): tracing them from the loss's graph would take as long again.
 
     The graph reads a ``control_variate``'s tensors as they are at each call (refreshed in place).
     The model's Python control flow is fixed at tracing: a branch on a latent value cannot be traced
@@ -92,16 +94,18 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
         with TableReads(item_tables) as reads:
             value = negative_elbo(model, guide, particles, *args, sticking_the_landing=sticking_the_landing, control_variate=control_variate, **kwargs)
         rows = reads.rows(params)
-        if rows is None:
-            return value
-        table_rows.append(rows[0])
-        return (value, *rows[1])
+        if rows is not None:
+            table_rows.append(rows[0])
+        if gradients:
+            return loss_and_gradients(value, rows, params)
+        return value if rows is None else (value, *rows[1])
 
     try:
         # Validation branches on values; it ran in the eager evaluations before this one. make_fx
         # makes the very tensor objects it is given the graph's inputs, so the parameters that the
-        # loss reads from Pyro's param store become inputs, not constants.
-        with pyro.validation_enabled(False):
+        # loss reads from Pyro's param store become inputs, not constants. Its trace runs for real:
+        # autograd, which it records, keeps out what the loss computes without gradients.
+        with pyro.validation_enabled(False), torch.enable_grad():
             graph = make_fx(lambda *_: loss())(*params)
     except Exception as failure:  # tracing raises many types; eager mode still works
         raise CompileError(f"could not trace the ELBO ({first_line(failure)})") from failure
@@ -117,3 +121,24 @@ def trace_negative_elbo(model, guide, params, particles, *args, sticking_the_lan
         )
     graph.table_rows = table_rows[0] if table_rows else None
     return graph
+
+
+def loss_and_gradients(value, rows, params):
+    """``(loss, *gradients, *indices)``: ``value`` detached and its gradient in each of ``params``
+    (None where it does not depend on one). Where ``rows`` (``(TableRows, outputs)``, from
+    :meth:`~vi_flows.item_steps.TableReads.rows`) says tables were read by the rows of a subsample,
+    such a table's gradient is that of the rows read (a table read twice: both reads' rows), and its
+    indices follow the gradients, in the order of the tables' positions."""
+    if rows is None:
+        return (value.detach(), *torch.autograd.grad(value, params, allow_unused=True))
+    layout, outputs = rows
+    reads, indices = layout.split(outputs)
+    dense = [position for position in range(len(params)) if position not in layout.positions]
+    found = iter(torch.autograd.grad(value, [params[position] for position in dense] + [rows for table in reads for rows in table], allow_unused=True))
+    gradients = [None] * len(params)
+    for position in dense:
+        gradients[position] = next(found)
+    for position, table in zip(layout.positions, reads):
+        gradients[position] = sum(next(found) for _ in table)
+    by_position = sorted(zip(layout.positions, indices), key=lambda entry: entry[0])
+    return (value.detach(), *gradients, *(index for _, index in by_position))

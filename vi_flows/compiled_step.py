@@ -9,8 +9,6 @@ Adam's moments stay in the optimiser's own state (``torch.optim.Adam``'s ``exp_a
 ``step``), so its ``state_dict`` saves and restores them as in an eager fit.
 """
 
-import functools
-
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -22,8 +20,9 @@ from .messages import first_line
 
 
 class CompiledAdamStep:
-    """``step(lr)``: one step of Adam (``optimizer``'s betas and eps) on the gradient of
-    ``loss_graph(*params)`` clipped elementwise (:func:`~vi_flows.clipping.clip_gradient`), updating ``params``
+    """``step(lr)``: one step of Adam (``optimizer``'s betas and eps) on the gradients that
+    ``gradient_graph(*params)`` returns after the loss (a graph traced with them:
+    :func:`~vi_flows.compiled_elbo.trace_negative_elbo`), clipped elementwise (:func:`~vi_flows.clipping.clip_gradient`), updating ``params``
     and ``optimizer``'s state in place, through one graph compiled with ``backend`` (None: the
     traced graph, uncompiled, which draws what eager mode draws) for ``num_threads`` intra-op
     threads (None: the current setting). Returns the loss before the step.
@@ -34,7 +33,7 @@ class CompiledAdamStep:
     data-parallel averaging, :mod:`~vi_flows.data_parallel`), the step is two graphs, the loss with
     its gradient and the update, with ``reduce`` run eagerly between them.
 
-    Building it traces the graphs on fake tensors and compiles them (with ``in_background``, where
+    Building it traces the update on fake tensors, joins it to the gradients' graph and compiles them (with ``in_background``, where
     Inductor's cache lacks them, a worker process compiles them meanwhile and :meth:`finish` waits
     for it: :mod:`~vi_flows.compile_worker`): nothing runs, no random number is drawn, ``params``
     keep their values; a parameter without Adam state gets it, zero, as ``torch.optim.Adam`` would
@@ -42,7 +41,7 @@ class CompiledAdamStep:
     inputs. Raises :class:`~vi_flows.CompileError` where tracing, compiling or the warm-up fails.
     """
 
-    def __init__(self, loss_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None, in_background=False):
+    def __init__(self, gradient_graph, params, optimizer, clip_norm, tables=(), noise_clip=False, backend="inductor", reduce=None, num_threads=None, in_background=False):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
             raise ValueError("CompiledAdamStep takes plain Adam over one parameter group")
@@ -53,14 +52,12 @@ class CompiledAdamStep:
         self._reduce = reduce
         examples = _example_inputs(params, self._lr)
         count = len(params)
+        gradients, indices = _example_gradients(gradient_graph, count)
+        update = _traced(_update(gradient_graph.table_rows, apply, count), [*examples[:count], *gradients, *examples[count:], *indices])
         if reduce is None:
-            traced = [_traced(_one_graph(loss_graph, apply, count), examples)]
+            traced = [(_joined(gradient_graph, update[0], count), examples)]
         else:
-            gradients, indices = _example_gradients(loss_graph, params)
-            traced = [
-                _traced(functools.partial(_flat_loss_and_gradients, loss_graph), examples[:count]),
-                _traced(_update(loss_graph, apply, count), [*examples[:count], *gradients, *examples[count:], *indices]),
-            ]
+            traced = [(gradient_graph, examples[:count]), update]
         self._graphs = [graph for graph, _ in traced] if backend is None else None
         self._compilation = None
         if backend is not None:
@@ -153,40 +150,10 @@ def _init_adam_state(optimizer, param):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def _loss_and_gradients(loss_graph, *params):
-    """``(loss, gradients, subsamples)`` of ``loss_graph`` at ``params``: where the graph reads
-    tables by rows (its ``table_rows``, :class:`~vi_flows.item_steps.TableRows`), such a table's
-    gradient is that of the rows read, and its ``subsamples`` entry ``(dim, indices)`` says which;
-    the other entries are None."""
-    layout = getattr(loss_graph, "table_rows", None)
-    subsamples = [None] * len(params)
-    with torch.enable_grad():
-        if layout is None:
-            loss = loss_graph(*params)
-            return loss.detach(), list(torch.autograd.grad(loss, params)), subsamples
-        loss, *outputs = loss_graph(*params)
-        reads, indices = layout.split(outputs)
-        dense = [position for position in range(len(params)) if position not in layout.positions]
-        found = iter(torch.autograd.grad(loss, [params[position] for position in dense] + [rows for table in reads for rows in table]))
-    gradients = [None] * len(params)
-    for position in dense:
-        gradients[position] = next(found)
-    for position, dim, table, index in zip(layout.positions, layout.dims, reads, indices):
-        gradients[position] = sum(next(found) for _ in table)  # a table read twice: both reads' rows
-        subsamples[position] = (dim, index)
-    return loss.detach(), gradients, subsamples
-
-
-def _flat_loss_and_gradients(loss_graph, *params):
-    """:func:`_loss_and_gradients` as one tuple: the loss, the gradients, the tables' indices."""
-    loss, gradients, subsamples = _loss_and_gradients(loss_graph, *params)
-    return (loss, *gradients, *(subsample[1] for subsample in subsamples if subsample is not None))
-
-
-def _update(loss_graph, apply, count):
+def _update(layout, apply, count):
     """The update alone, a function of (params, gradients, first moments, second moments, step
-    counts, lr, the indices of the tables read by rows, as :func:`_flat_loss_and_gradients` gives them)."""
-    layout = getattr(loss_graph, "table_rows", None)
+    counts, lr, the indices of the tables read by rows, as
+    :func:`~vi_flows.compiled_elbo.loss_and_gradients` gives them: ``layout`` says which)."""
 
     def update(*inputs):
         subsamples = [None] * count
@@ -199,21 +166,14 @@ def _update(loss_graph, apply, count):
     return update
 
 
-@torch.no_grad()
-def _example_gradients(loss_graph, params):
-    """Zero gradients shaped as :func:`_loss_and_gradients` gives them, and example indices of the
-    tables read by rows (distinct, in range), from the shapes the traced ``loss_graph`` records."""
-    gradients = [torch.zeros_like(param) for param in params]
-    layout = getattr(loss_graph, "table_rows", None)
-    if layout is None:
-        return gradients, []
-    (output,) = (node for node in loss_graph.graph.nodes if node.op == "output")
-    reads, indices = layout.split([node.meta["val"] for node in output.args[0][1:]])
-    examples = {}
-    for position, rows, index in zip(layout.positions, reads, indices):
-        gradients[position] = params[position].new_zeros(rows[0].shape)
-        examples[position] = torch.arange(index.shape[0], device=params[position].device)
-    return gradients, [examples[position] for position in sorted(examples)]
+def _example_gradients(gradient_graph, count):
+    """Zero gradients shaped as ``gradient_graph`` returns them (after the loss), and example
+    indices of the tables read by rows (distinct, in range), from the shapes its trace recorded."""
+    (output,) = (node for node in gradient_graph.graph.nodes if node.op == "output")
+    values = [node.meta["val"] for node in output.args[0][1:]]
+    gradients = [torch.zeros(value.shape, dtype=value.dtype, device=value.device) for value in values[:count]]
+    indices = [torch.arange(value.shape[0], device=value.device) for value in values[count:]]
+    return gradients, indices
 
 
 def _split_state(inputs, count):
@@ -221,16 +181,28 @@ def _split_state(inputs, count):
     return inputs[:count], inputs[count : 2 * count], inputs[2 * count : 3 * count], inputs[3 * count : 4 * count], inputs[4 * count]
 
 
-def _one_graph(loss_graph, apply, count):
-    """The whole step as one function of (params, first moments, second moments, step counts, lr)."""
-
-    def update(*inputs):
-        params = inputs[:count]
-        loss, gradients, subsamples = _loss_and_gradients(loss_graph, *params)
-        apply(params, gradients, *_split_state((*gradients, *inputs[count:]), count)[1:], subsamples)
-        return loss
-
-    return update
+def _joined(gradient_graph, update_graph, count):
+    """The whole step as one graph of (params, first moments, second moments, step counts, lr),
+    returning the loss: ``gradient_graph``'s nodes, then ``update_graph``'s (:func:`_update`) on
+    their outputs. Joined node by node: traced once more as one function, the gradients would cost
+    as long as their first trace."""
+    graph, constants = torch.fx.Graph(), {}
+    inputs = [node for node in update_graph.graph.nodes if node.op == "placeholder"]
+    env = {node: graph.placeholder(node.name) for node in inputs[:count] + inputs[2 * count : 5 * count + 1]}
+    own_inputs = [node for node in gradient_graph.graph.nodes if node.op == "placeholder"]
+    copied = {node: env[param] for node, param in zip(own_inputs, inputs)}
+    loss, *outputs = graph.graph_copy(gradient_graph.graph, copied)
+    constants.update((node.target, getattr(gradient_graph, node.target)) for node in gradient_graph.graph.nodes if node.op == "get_attr")
+    env.update(zip(inputs[count : 2 * count] + inputs[5 * count + 1 :], outputs))
+    for node in update_graph.graph.nodes:
+        if node.op == "get_attr":  # a constant of the update's, under a name of its own
+            name = f"update_{node.target}"
+            constants[name] = getattr(update_graph, node.target)
+            env[node] = graph.get_attr(name)
+        elif node.op not in ("placeholder", "output"):
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(loss)
+    return torch.fx.GraphModule(constants, graph)
 
 
 def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):

@@ -134,7 +134,7 @@ class ELBOStep:
         try:
             with torch.random.fork_rng():  # tracing runs the loss; the steps draw what eager steps would
                 graph = trace_negative_elbo(
-                    model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, item_tables=self.tables, **kwargs
+                    model, guide, self.params, self.particles, *args, sticking_the_landing=sticking_the_landing, control_variate=self.control_variate, item_tables=self.tables, gradients=True, **kwargs
                 )
             reduce = self.parallel.average if self.parallel is not None else None
             compiled_step = CompiledAdamStep(

@@ -151,8 +151,8 @@ def forward_and_score(transform, x, score):
                 y, score = forward_and_score(part, y, score)
         else:
             y, score = forward_and_score_by_jacobian(transform, x, score)
-    # Explicitly: a graph traced from this (fit's compiled step) records no grad mode, and replayed
-    # under autograd it would differentiate the whole computation (to a zero term, at a cost).
+    # Explicitly: a loss graph traced through this records no grad mode, and differentiated later
+    # it would differentiate the whole computation (to a zero term, at a cost).
     return y.detach(), score.detach()
 
 
