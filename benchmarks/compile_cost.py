@@ -30,14 +30,13 @@ def _one_build(model_name, flow):
     from vi_flows.zoo import load_model
 
     sizes = []
-    traced = compiled_step._traced
+    compilation = compiled_step.Compilation
 
-    def counting(function, example_inputs):  # the step's graph as Inductor receives it
-        graph, inputs = traced(function, example_inputs)
-        sizes.append(sum(node.op == "call_function" for node in graph.graph.nodes))
-        return graph, inputs
+    def counting(graphs, *args, **kwargs):  # the step's graphs as Inductor receives them
+        sizes.extend(sum(node.op == "call_function" for node in graph.graph.nodes) for graph, _ in graphs)
+        return compilation(graphs, *args, **kwargs)
 
-    compiled_step._traced = counting
+    compiled_step.Compilation = counting
     pyro.set_rng_seed(0)
     model = load_model(model_name).model
     guide = AutoFlow(model, flow=flow) if flow else AutoFlow(model)
