@@ -1,6 +1,6 @@
 """Compiling in another process while the fit takes its first steps eagerly.
 
-From an empty Inductor cache the default flow's step takes about 40 s to compile, mostly code
+From an empty Inductor cache the default flow's step takes about 30 s to compile, mostly code
 generation and ``g++`` (RESULTS.md, "Time to a good posterior"), while many posteriors are nearly
 there after a few hundred steps. A thread cannot compile meanwhile: the two share the interpreter's
 lock, and eager steps ran 3-4x slower beside one. A worker process compiles the graphs into

@@ -134,7 +134,7 @@ def loss_and_gradients(value, rows, params):
     layout, outputs = rows
     reads, indices = layout.split(outputs)
     dense = [position for position in range(len(params)) if position not in layout.positions]
-    found = iter(torch.autograd.grad(value, [params[position] for position in dense] + [rows for table in reads for rows in table], allow_unused=True))
+    found = iter(torch.autograd.grad(value, [params[position] for position in dense] + [read for table in reads for read in table], allow_unused=True))
     gradients = [None] * len(params)
     for position in dense:
         gradients[position] = next(found)

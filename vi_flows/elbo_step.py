@@ -28,7 +28,7 @@ from .threads import fastest_threads
 # it (:mod:`~vi_flows.compile_worker`) while this many steps run eagerly, and the next waits for it:
 # a fixed step, whatever the clock says, so that such a fit takes the same steps on every cold
 # start. The default flow reaches KL 0.008 on the 10-D funnel by then (RESULTS.md, "Time to a good
-# posterior"), in 2-3 s of eager steps instead of the 40 s a cold compile takes.
+# posterior"), in 2-3 s of eager steps instead of the 30 s a cold compile takes.
 EAGER_STEPS_WHILE_COMPILING = 250
 
 

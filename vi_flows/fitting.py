@@ -21,9 +21,9 @@ from .subsample_checks import check_item_shift, check_subsample_noise
 from .threads import intra_op_threads
 
 # compile="auto" compiles runs of at least this many steps. Measured on 2 CPU cores: a compiled step
-# saves 2-18 ms against an eager one (python benchmarks/bench.py speed; 9.7 vs 1.05 ms for the default
-# flow on the 10-D funnel); compiling the default flow's step takes about 4 s from PyTorch's cache and
-# 40 s with an empty one (RESULTS.md, "Time to a good posterior"), so such a run repays it when the
+# saves 2-18 ms against an eager one (python benchmarks/bench.py speed; 9.7 vs 0.8 ms for the default
+# flow on the 10-D funnel); compiling the default flow's step takes about 3 s from PyTorch's cache and
+# 30 s with an empty one (RESULTS.md, "Time to a good posterior"), so such a run repays it when the
 # cache is warm.
 COMPILE_MIN_STEPS = 2000
 
@@ -113,7 +113,7 @@ def fit(
     ``compile``: with ``True`` the loss is traced into one graph and compiled by TorchInductor with
     its gradient and update (see :mod:`~vi_flows.compiled_step`) before the first step: a step then
     costs 0.1-0.5x an eager one, after seconds of compiling (the default flow on the 10-D funnel:
-    about 4 s with PyTorch's caches warm, 40 s with them empty). This
+    about 3 s with PyTorch's caches warm, 30 s with them empty). This
     needs a guide whose sites are all reparameterised (every autoguide of continuous latents) and
     a model whose control flow does not branch on latent values. ``"auto"`` compiles runs of
     ``COMPILE_MIN_STEPS`` steps or more and steps eagerly, through Pyro's ``Trace_ELBO``, where
