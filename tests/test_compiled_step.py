@@ -67,13 +67,14 @@ def test_traced_loss_and_gradient_equal_pyros_trace_elbo(name, sticking_the_land
             assert sticking_the_landing or torch.allclose(eager_grad, pyro_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_parameters_the_traced_loss_does_not_read_are_refused():
+@pytest.mark.parametrize("gradients", [False, True], ids=["loss", "with gradients"])
+def test_parameters_the_traced_loss_does_not_read_are_refused(gradients):
     # Copies are not the tensors the loss reads: traced, they would be constants, never trained.
     module = load_model("banana")
     guide, nesting, step = _eager_step(module)
     copies = [param.detach().clone().requires_grad_() for param in step.params]
     with pytest.raises(CompileError, match=rf"parameters \[0, 1, .*\] \(of {len(copies)}\) do not reach the traced loss"):
-        trace_negative_elbo(module.model, guide, copies, step.particles)
+        trace_negative_elbo(module.model, guide, copies, step.particles, gradients=gradients)
 
 
 def _snapshot(step):
