@@ -127,8 +127,8 @@ def loss_and_gradients(value, rows, params):
     """``(loss, *gradients, *indices)``: ``value`` detached and its gradient in each of ``params``
     (None where it does not depend on one). Where ``rows`` (``(TableRows, outputs)``, from
     :meth:`~vi_flows.item_steps.TableReads.rows`) says tables were read by the rows of a subsample,
-    such a table's gradient is that of the rows read (a table read twice: both reads' rows), and its
-    indices follow the gradients, in the order of the tables' positions."""
+    such a table's gradient is that of the rows read (a table read twice: both reads' rows), and the
+    tables' indices follow the gradients, in the layout's order."""
     if rows is None:
         return (value.detach(), *torch.autograd.grad(value, params, allow_unused=True))
     layout, outputs = rows
@@ -140,5 +140,4 @@ def loss_and_gradients(value, rows, params):
         gradients[position] = next(found)
     for position, table in zip(layout.positions, reads):
         gradients[position] = sum(next(found) for _ in table)
-    by_position = sorted(zip(layout.positions, indices), key=lambda entry: entry[0])
-    return (value.detach(), *gradients, *(index for _, index in by_position))
+    return (value.detach(), *gradients, *indices)

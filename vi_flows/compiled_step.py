@@ -138,7 +138,7 @@ def _traced(function, example_inputs):
         # Fake tensors: shapes only, so no random draw is taken from the fit's generator.
         return make_fx(function, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs), example_inputs
     except Exception as failure:  # tracing raises many types; eager mode still works
-        raise CompileError(f"could not trace the ELBO's gradient ({first_line(failure)})") from failure
+        raise CompileError(f"could not trace the step's update ({first_line(failure)})") from failure
 
 
 def _init_adam_state(optimizer, param):
@@ -158,8 +158,7 @@ def _update(layout, apply, count):
     def update(*inputs):
         subsamples = [None] * count
         if layout is not None:
-            order = sorted(zip(layout.positions, layout.dims))  # the order the gradients' graph gives them
-            for (position, dim), indices in zip(order, inputs[5 * count + 1 :]):
+            for position, dim, indices in zip(layout.positions, layout.dims, inputs[5 * count + 1 :]):
                 subsamples[position] = (dim, indices)
         apply(inputs[:count], *_split_state(inputs[count : 5 * count + 1], count), subsamples)
 
@@ -234,7 +233,7 @@ def _adam_apply(lazy, beta1, beta2, eps, clip_norm, noise_clip):
                 mask = lazy_mask(gradient) if is_lazy else None
                 for tensor, value in zip(tensors, adam(param, gradient, average, square)):
                     tensor.copy_(value if mask is None else torch.where(mask, value, tensor))
-            for step_count in steps:  # here, in compiled code: from Python they cost 0.04 ms a step
+            for step_count in steps:  # here, in compiled code: from Python they cost 0.01-0.04 ms a step
                 step_count.add_(1)
 
     return apply

@@ -41,7 +41,7 @@ def start_probing_cpu():
     """Start Inductor's once-per-process probe of the CPU's vector instructions in a thread, so that
     it overlaps the tracing that precedes compiling. The probe loads a test library in a child Python
     per instruction set, about 1 s, paid even when every graph comes from Inductor's cache: a
-    quarter of building the default flow's step from the cache (``compile_cost.py banana``)."""
+    third of building the default flow's step from the cache (``compile_cost.py banana``)."""
     global _cpu_probe
     if _cpu_probe is None and pick_vec_isa is not None:
         _cpu_probe = threading.Thread(target=_probe_quietly, name="vi-flows-cpu-probe", daemon=True)
