@@ -2,16 +2,19 @@
 
 import copy
 import functools
+import logging
 
 import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from vi_flows import AutoFlow, fit
 from vi_flows.compiled_elbo import CompileError, trace_negative_elbo
 from vi_flows.compiled_step import CompiledAdamStep
 from vi_flows.elbo_step import ELBOStep
+from vi_flows.inductor import compile_graph
 from vi_flows.pyro_internals import max_plate_nesting
 from vi_flows.zoo import load_model
 
@@ -225,3 +228,22 @@ def test_a_compiled_fit_rolls_back_through_the_optimisers_saved_state(monkeypatc
     draws = guide.sample_constrained(20000)["x"]
     assert ((draws.mean(0) - torch.tensor([1.0, -2.0])).abs() / torch.tensor([0.5, 2.0])).max() < 0.05
     assert ((draws.std(0) / torch.tensor([0.5, 2.0])) - 1).abs().max() < 0.05
+
+
+def test_compiling_a_triangular_solve_shows_the_user_no_warning():
+    """On the CPU Inductor's C++ wrapper calls the flows' triangular solves through PyTorch's
+    dispatcher and logs a warning for each at every compile: kept from the user, whom it does not concern."""
+    matrix, right = torch.tensor([[1.0, 0.0], [0.5, 2.0]]), torch.randn(3, 2, 1)
+    graph = make_fx(lambda matrix, right: torch.linalg.solve_triangular(matrix, right, upper=False))(matrix, right)
+    shown = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = shown.append  # what reaches torch's handlers (stderr), filtered
+    logger = logging.getLogger("torch._inductor")
+    logger.addHandler(handler)
+    try:  # lowered here, not read from a cache that a run of the suite before this one filled
+        with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            solve = compile_graph(graph, [matrix, right], num_threads=1)
+    finally:
+        logger.removeHandler(handler)
+    torch.testing.assert_close(solve(matrix, right), torch.linalg.solve_triangular(matrix, right, upper=False))
+    assert [record.getMessage() for record in shown] == []
