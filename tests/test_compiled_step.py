@@ -3,6 +3,7 @@
 import copy
 import functools
 import logging
+import threading
 
 import pyro
 import pytest
@@ -14,6 +15,7 @@ from vi_flows import AutoFlow, fit
 from vi_flows.compiled_elbo import CompileError, trace_negative_elbo
 from vi_flows.compiled_step import CompiledAdamStep
 from vi_flows.elbo_step import ELBOStep
+from vi_flows import inductor
 from vi_flows.inductor import compile_graph
 from vi_flows.pyro_internals import max_plate_nesting
 from vi_flows.zoo import load_model
@@ -247,3 +249,33 @@ def test_compiling_a_triangular_solve_shows_the_user_no_warning():
         logger.removeHandler(handler)
     torch.testing.assert_close(solve(matrix, right), torch.linalg.solve_triangular(matrix, right, upper=False))
     assert [record.getMessage() for record in shown] == []
+
+
+def test_compiling_waits_for_the_cpu_probe_only_where_inductor_asks_for_its_answer(monkeypatch):
+    """Inductor's probe of the CPU's vector instructions (7 s of g++ with an empty cache) runs in a
+    thread: compiling starts beside it and takes its answer once it is there, never probing twice."""
+    events, release = [], threading.Event()
+
+    def slow_probe():
+        release.wait(timeout=30)
+        events.append("probe done")
+
+    def recorded(function, name):
+        def run(*args, **kwargs):
+            events.append(name)
+            release.set()
+            return function(*args, **kwargs)
+
+        return run
+
+    probe = threading.Thread(target=slow_probe)
+    probe.start()
+    monkeypatch.setattr(inductor, "_cpu_probe", probe)
+    monkeypatch.setattr(inductor, "compile_fx", recorded(inductor.compile_fx, "compiling"))
+    monkeypatch.setattr(inductor, "_probed_vec_isas", recorded(inductor._probed_vec_isas, "answer taken"))
+    x = torch.randn(64, 3)
+    graph = make_fx(lambda x: (x.exp() * 2).sum(0))(x)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        kernel = compile_graph(graph, [x], num_threads=1)
+    torch.testing.assert_close(kernel(x), (x.exp() * 2).sum(0))
+    assert events[:3] == ["compiling", "probe done", "answer taken"]

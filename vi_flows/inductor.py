@@ -19,38 +19,47 @@ import contextlib
 import logging
 import os
 import threading
+import unittest.mock
 import warnings
 
 import torch
 
 try:  # private: its home has moved between releases
     from torch._guards import TracingContext, tracing
-    from torch._inductor import config
+    from torch._inductor import config, cpu_vec_isa
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 except ImportError:  # pragma: no cover - fall back to the public route
-    compile_fx = cache_dir = pick_vec_isa = None
+    compile_fx = cache_dir = cpu_vec_isa = None
 
 _cpu_probe = None
+_probed_vec_isas = cpu_vec_isa and cpu_vec_isa.valid_vec_isa_list  # Inductor caches its answer
 
 
 def start_probing_cpu():
     """Start Inductor's once-per-process probe of the CPU's vector instructions in a thread, so that
-    it overlaps the tracing that precedes compiling. The probe loads a test library in a child Python
-    per instruction set, about 1 s, paid even when every graph comes from Inductor's cache: a
-    third of building the default flow's step from the cache (``compile_cost.py banana``)."""
+    it overlaps the tracing and lowering that precede Inductor's first use of its answer. The probe
+    loads a test library in a child Python per instruction set, about 1 s, paid even when every
+    graph comes from Inductor's cache (a third of building the default flow's step from the cache,
+    ``compile_cost.py banana``); with an empty cache it first compiles them, about 7 s of g++."""
     global _cpu_probe
-    if _cpu_probe is None and pick_vec_isa is not None:
+    if _cpu_probe is None and _probed_vec_isas is not None:
         _cpu_probe = threading.Thread(target=_probe_quietly, name="vi-flows-cpu-probe", daemon=True)
         _cpu_probe.start()
 
 
 def _probe_quietly():
     with contextlib.suppress(Exception):  # compiling probes again, and raises there
-        pick_vec_isa()
+        _probed_vec_isas()
+
+
+def _after_the_cpu_probe():
+    """Inductor's list of the CPU's vector instruction sets, once the probe's thread has made it
+    (its cache takes no lock: asked meanwhile, it would probe twice)."""
+    _cpu_probe.join()
+    return _probed_vec_isas()
 
 
 def compile_graph(graph, example_inputs, num_threads):
@@ -59,10 +68,11 @@ def compile_graph(graph, example_inputs, num_threads):
     same inputs. Nothing is run. Compiled for inference: a gradient the graph needs is in it."""
     if compile_fx is None:
         return torch.compile(graph, fullgraph=True, dynamic=False)
-    if _cpu_probe is not None:
-        _cpu_probe.join()  # Inductor's cache of the probe's answer takes no lock
     on_cpu = all(x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor))
-    with warnings.catch_warnings(), _quiet_dispatcher_fallbacks(), torch.no_grad(), config.patch({"cpp.threads": num_threads, "cpp_wrapper": on_cpu}):
+    # The probe's answer is first asked for when kernels are written, 10-17 s into a compile from an
+    # empty cache: waiting for it there, not here, saves about 6 s of such a compile.
+    waiting = contextlib.nullcontext() if _cpu_probe is None else unittest.mock.patch.object(cpu_vec_isa, "valid_vec_isa_list", _after_the_cpu_probe)
+    with warnings.catch_warnings(), _quiet_dispatcher_fallbacks(), waiting, torch.no_grad(), config.patch({"cpp.threads": num_threads, "cpp_wrapper": on_cpu}):
         # The compiler's own deprecation notices say nothing about the user's model.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
