@@ -268,6 +268,7 @@ def test_compiling_waits_for_the_cpu_probe_only_where_inductor_asks_for_its_answ
 
         return run
 
+    asked = torch._inductor.cpu_vec_isa.valid_vec_isa_list
     probe = threading.Thread(target=slow_probe)
     probe.start()
     monkeypatch.setattr(inductor, "_cpu_probe", probe)
@@ -279,3 +280,4 @@ def test_compiling_waits_for_the_cpu_probe_only_where_inductor_asks_for_its_answ
         kernel = compile_graph(graph, [x], num_threads=1)
     torch.testing.assert_close(kernel(x), (x.exp() * 2).sum(0))
     assert events[:3] == ["compiling", "probe done", "answer taken"]
+    assert torch._inductor.cpu_vec_isa.valid_vec_isa_list is asked  # Inductor's own, put back
