@@ -120,3 +120,33 @@ def test_a_guide_without_local_posteriors_exports_the_subsample_it_reads():
     guide = AutoNormal(model, create_plates=lambda subsample_size=None: pyro.plate("groups", 40, subsample_size=subsample_size))
     exported = to_inference_data(guide, model, 10, num_samples=5)
     assert exported.posterior["effect"].shape == (1, 5, 10) and exported.posterior["effect"].dims[-1] == "groups"
+
+
+def test_a_model_written_for_one_draw_exports_what_its_broadcasting_twin_does():
+    """``X @ w`` does not broadcast over draws: the model runs once per draw (as ``fit`` maps it), and
+    the same seed gives the same export as the regression written to broadcast."""
+    features = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    outcome = (features @ torch.tensor([1.0, -2.0, 0.5]) > 0).float()
+
+    def regression(logits_of):
+        def model():
+            w = pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+            logits = pyro.deterministic("logits", logits_of(w))
+            with pyro.plate("data", 30):
+                pyro.sample("y", dist.Bernoulli(logits=logits), obs=outcome)
+
+        return model
+
+    for_one_draw, broadcasting = regression(lambda w: features @ w), regression(lambda w: (features * w).sum(-1))
+    pyro.clear_param_store()
+    guide = AutoFlow(for_one_draw, flow="planar*2")
+    guide()  # set up, so that both exports start from the same random state
+    exports = []
+    for model in (for_one_draw, broadcasting):
+        pyro.set_rng_seed(3)
+        exports.append(to_inference_data(guide, model, num_samples=40))
+    one, other = exports
+    assert one.posterior["w"].shape == (1, 40, 3) and one.log_likelihood["y"].dims == ("chain", "draw", "data")
+    for group, name in [("posterior", "w"), ("posterior", "logits"), ("log_likelihood", "y"), ("sample_stats", "log_p"), ("sample_stats", "log_q")]:
+        np.testing.assert_allclose(one[group][name].values, other[group][name].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(one.observed_data["y"].values, outcome.numpy())

@@ -79,7 +79,8 @@ def test_a_model_that_reads_a_latent_value_runs_one_draw_at_a_time_and_is_not_co
 @pytest.mark.slow
 def test_compare_on_a_users_matmul_regression_agrees_with_nuts(tmp_path, monkeypatch):
     """The issue's acceptance: ``vi-flows compare file.py:model`` runs every guide on a 300-point logistic
-    regression written with ``X @ w + b``, and their means agree with NUTS within 0.1 sd."""
+    regression written with ``X @ w + b``, and their means agree with NUTS within 0.1 sd; every guide's
+    posterior is exported to ArviZ."""
     import pandas
 
     from vi_flows.cli import main
@@ -98,6 +99,8 @@ def test_compare_on_a_users_matmul_regression_agrees_with_nuts(tmp_path, monkeyp
         "        pyro.sample('y', dist.Bernoulli(logits=X @ w + b), obs=y)\n"
     )
     assert main(["compare", f"{path}:model", "--steps", "3000", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    exported = {file.name for file in (tmp_path / "out").glob("*.nc")}  # ArviZ's, the model run per draw
+    assert exported == {"meanfield.nc", "fullrank.nc", "planar_8_iaf_4.nc", "reference.nc"}
     table = pandas.read_csv(tmp_path / "out" / "table.csv", index_col="guide")
     assert len(table) == 3 and (table["worst_mean_error"] < 0.1).all(), table
     flows_and_full_rank = table.drop(index="meanfield")

@@ -2,6 +2,7 @@
 
 from typing import Callable
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -10,6 +11,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .autoflow.sites import local_subsampled_plate
 from .item_chunks import Stitched, chunked_traces, per_draw_log_density, plate_axis
+from .particles import choose, guide_site_shapes
 from .pyro_internals import max_plate_nesting
 
 # The particle plate Pyro's vectorised importance sampler adds around model and guide.
@@ -48,9 +50,10 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     - ``observed_data``.
 
     One chain of ``num_samples`` draws. Model and guide run once, vectorised over the draws (as in
-    Pyro's vectorised ELBO), so the model must broadcast over a leading particle dimension. Where an
-    ``AutoFlow``'s local posteriors' plate is subsampled, they run a subsample at a time over every
-    item, the globals' draws fixed (:mod:`~vi_flows.item_chunks`): memory follows the subsample.
+    Pyro's vectorised ELBO); a model written for one draw (``X @ w``) runs once per draw, as ``fit``
+    finds (:mod:`~vi_flows.particles`). Where an ``AutoFlow``'s local posteriors' plate is subsampled,
+    they run a subsample at a time over every item, the globals' draws fixed
+    (:mod:`~vi_flows.item_chunks`): memory follows the subsample.
     """
     import arviz
 
@@ -66,8 +69,10 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     if subsampled:
         ((_, frame),) = subsampled.items()
         values, pointwise, sites, log_p, log_q = _over_subsamples(guide, model, frame, nesting, num_samples, args, kwargs)
-    else:
+    elif _broadcasts(model, guide, nesting, args, kwargs):
         values, pointwise, sites, log_p, log_q = _in_one_run(guide, model, nesting, num_samples, args, kwargs)
+    else:
+        values, pointwise, sites, log_p, log_q = _draw_by_draw(guide, model, nesting, num_samples, args, kwargs)
     for name, site in single_run.nodes.items():
         if site["type"] == "sample" and _is_deterministic(site):
             posterior_shapes[name] = values[name].shape[values[name].dim() - site["value"].dim() :]
@@ -98,6 +103,13 @@ def to_inference_data(guide: Callable, model: Callable, *args, num_samples: int 
     )
 
 
+def _broadcasts(model, guide, nesting, args, kwargs):
+    """Whether ``model`` broadcasts over a leading dimension of draws, as ``fit`` finds (the
+    caller's random state kept: the draws are the same however the model is written)."""
+    with torch.random.fork_rng():
+        return choose(model, guide, 2, nesting, *args, **kwargs).mode == "broadcast"
+
+
 def _in_one_run(guide, model, nesting, num_samples, args, kwargs):
     """``(values, pointwise log-likelihoods, sites, log_p, log_q)`` of one run of model and guide
     vectorised over the draws (Pyro's importance sampler)."""
@@ -109,6 +121,28 @@ def _in_one_run(guide, model, nesting, num_samples, args, kwargs):
     values = {name: site["value"] for name, site in sites.items()}
     pointwise = {name: site["log_prob"] for name, site in sites.items() if site["is_observed"]}
     return values, pointwise, sites, log_weights + log_q, log_q
+
+
+def _draw_by_draw(guide, model, nesting, num_samples, args, kwargs):
+    """:func:`_in_one_run`'s results for a model that does not broadcast over draws: the guide's
+    draws taken at once, the model run on each of them, its sites' values and log densities stacked."""
+    with pyro.plate(_PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    guide_trace.compute_log_prob()
+    log_q = sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in guide_trace.nodes.values() if site["type"] == "sample")
+    draws = {name: guide_trace.nodes[name]["value"].reshape((num_samples,) + shape) for name, shape in guide_site_shapes(guide, *args, **kwargs).items()}
+    runs = [poutine.trace(poutine.condition(model, data={name: value[i] for name, value in draws.items()})).get_trace(*args, **kwargs) for i in range(num_samples)]
+    for run in runs:
+        run.compute_log_prob()
+    sites = {name: site for name, site in runs[0].nodes.items() if site["type"] == "sample"}
+
+    def stacked(name, key):
+        return torch.stack([run.nodes[name][key] for run in runs])
+
+    data = {name for name, site in sites.items() if site["is_observed"] and name not in draws and not _is_deterministic(site)}
+    values = {name: site["value"] if name in data else stacked(name, "value") for name, site in sites.items()}
+    pointwise = {name: stacked(name, "log_prob") for name in data}
+    return values, pointwise, sites, torch.stack([run.log_prob_sum() for run in runs]), log_q
 
 
 def _over_subsamples(guide, model, frame, nesting, num_samples, args, kwargs):

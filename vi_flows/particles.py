@@ -46,7 +46,7 @@ def choose(model, guide, num, max_plate_nesting, *args, **kwargs):
     """The first of :data:`MODES` in which ``model`` and ``guide`` run (tried on two draws)."""
     reason = ""
     for mode in MODES[:-1]:
-        shapes = _site_shapes(guide, *args, **kwargs) if mode == "vmap" else None
+        shapes = guide_site_shapes(guide, *args, **kwargs) if mode == "vmap" else None
         try:
             with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
                 log_densities(model, guide, Particles(2, max_plate_nesting, mode, shapes), *args, **kwargs)
@@ -115,7 +115,8 @@ def _uses_path_derivative(fn, sticking_the_landing):
     return sticking_the_landing is True or fn.event_shape.numel() <= STICKING_THE_LANDING_MAX_DIM
 
 
-def _site_shapes(guide, *args, **kwargs):
+def guide_site_shapes(guide, *args, **kwargs):
+    """The shapes of one draw of each of the guide's latent sites (its auxiliary ones left out)."""
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return {name: site["value"].shape for name, site in trace.iter_stochastic_nodes() if not site["infer"].get("is_auxiliary")}
