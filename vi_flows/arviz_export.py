@@ -11,11 +11,8 @@ from pyro.poutine.util import site_is_subsample
 
 from .autoflow.sites import local_subsampled_plate
 from .item_chunks import Stitched, chunked_traces, per_draw_log_density, plate_axis
-from .particles import choose, guide_site_shapes
+from .particles import PARTICLE_PLATE, choose, guide_site_shapes
 from .pyro_internals import max_plate_nesting
-
-# The particle plate Pyro's vectorised importance sampler adds around model and guide.
-_PARTICLE_PLATE = "num_particles_vectorized"
 
 
 def _dims(name, shape, event_dim, frames, plate_sizes, every_item):
@@ -24,7 +21,7 @@ def _dims(name, shape, event_dim, frames, plate_sizes, every_item):
     batch_dim = len(shape) - event_dim
     names = [f"{name}_dim_{axis}" for axis in range(len(shape))]
     for frame in frames:
-        if frame.vectorized and frame.name != _PARTICLE_PLATE:
+        if frame.vectorized and frame.name != PARTICLE_PLATE:
             names[batch_dim + frame.dim] = frame.name
             plate_sizes[frame.name] = (frame.full_size or frame.size) if every_item else frame.size
     return names
@@ -126,7 +123,7 @@ def _in_one_run(guide, model, nesting, num_samples, args, kwargs):
 def _draw_by_draw(guide, model, nesting, num_samples, args, kwargs):
     """:func:`_in_one_run`'s results for a model that does not broadcast over draws: the guide's
     draws taken at once, the model run on each of them, its sites' values and log densities stacked."""
-    with pyro.plate(_PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
+    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     guide_trace.compute_log_prob()
     log_q = sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in guide_trace.nodes.values() if site["type"] == "sample")
@@ -149,7 +146,7 @@ def _over_subsamples(guide, model, frame, nesting, num_samples, args, kwargs):
     """:func:`_in_one_run`'s results over every item of the subsampled plate ``frame``, a subsample
     at a time (:mod:`~vi_flows.item_chunks`); ``sites`` are the last run's."""
     values, pointwise, sites, log_p, log_q = Stitched(), Stitched(), {}, 0.0, 0.0
-    runs = chunked_traces(guide, model, frame, num_samples, _PARTICLE_PLATE, nesting, *args, **kwargs)
+    runs = chunked_traces(guide, model, frame, num_samples, PARTICLE_PLATE, nesting, *args, **kwargs)
     for index, (guide_trace, model_trace, kept) in enumerate(runs):
         first = index == 0
         log_q = log_q + per_draw_log_density(guide_trace, frame, kept, first, num_samples)

@@ -21,7 +21,7 @@ from pyro.poutine.util import site_is_subsample
 from .messages import first_line
 
 MODES = ("broadcast", "vmap", "loop")
-PARTICLE_PLATE = "num_particles_vectorized"
+PARTICLE_PLATE = "num_particles_vectorized"  # as Pyro's vectorised ELBO and importance sampler name it
 # sticking_the_landing="auto" uses the path-derivative gradient up to this many dimensions of a
 # guide site. Measured with fit's compiled step, 64 particles (python benchmarks/bench.py stl): a step
 # cost 2.2x / 2.9x / 4.4x / 15.3x the plain one at D = 2 / 10 / 20 / 50 with the flow's dense Jacobian,
