@@ -77,6 +77,18 @@ def test_hierarchical_quadrature_moments_match_importance_sampling_from_the_prio
         torch.testing.assert_close(sd.float().reshape(exact_sd.shape), exact_sd, rtol=0.02, atol=0)
 
 
+def test_the_hierarchies_marginal_likelihood_is_the_dense_gaussians():
+    """The O(J) marginal likelihood the quadrature weighs tau by equals torch's dense
+    ``MultivariateNormal`` in float64, at variances spanning six orders of magnitude."""
+    from vi_flows.models._hierarchical import marginal_log_likelihood
+
+    generator = torch.Generator().manual_seed(0)
+    y = 3.0 * torch.randn(12, generator=generator, dtype=torch.float64)
+    variances = torch.logspace(-3, 3, 7, dtype=torch.float64).unsqueeze(-1) * torch.rand(7, 12, generator=generator, dtype=torch.float64).add(0.5)
+    dense = pyro.distributions.MultivariateNormal(torch.zeros(12, dtype=torch.float64), 5.0**2 + torch.diag_embed(variances))
+    torch.testing.assert_close(marginal_log_likelihood(y, variances, 5.0), dense.log_prob(y), rtol=1e-10, atol=0)  # the dense Cholesky rounds to 2e-12
+
+
 @pytest.mark.parametrize("module", [regression_scaled, autoregression], ids=lambda m: m.__name__.split(".")[-1])
 def test_conjugate_log_z_matches_importance_sampling_from_the_posterior(module):
     """log Z = log p(x, theta) - log p(theta | x) at any theta: check it at exact draws."""
