@@ -113,11 +113,16 @@ def _in_one_run(guide, model, nesting, num_samples, args, kwargs):
     log_weights, model_trace, guide_trace = vectorized_importance_weights(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, normalized=False, **kwargs
     )
-    log_q = sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in guide_trace.nodes.values() if site["type"] == "sample")
+    log_q = _per_draw(guide_trace, num_samples)
     sites = {name: site for name, site in model_trace.nodes.items() if site["type"] == "sample"}
     values = {name: site["value"] for name, site in sites.items()}
     pointwise = {name: site["log_prob"] for name, site in sites.items() if site["is_observed"]}
     return values, pointwise, sites, log_weights + log_q, log_q
+
+
+def _per_draw(trace, num_samples):
+    """The log density of each draw in a trace vectorised over ``num_samples`` draws."""
+    return sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in trace.nodes.values() if site["type"] == "sample")
 
 
 def _draw_by_draw(guide, model, nesting, num_samples, args, kwargs):
@@ -126,7 +131,7 @@ def _draw_by_draw(guide, model, nesting, num_samples, args, kwargs):
     with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     guide_trace.compute_log_prob()
-    log_q = sum(site["log_prob"].reshape(num_samples, -1).sum(-1) for site in guide_trace.nodes.values() if site["type"] == "sample")
+    log_q = _per_draw(guide_trace, num_samples)
     draws = {name: guide_trace.nodes[name]["value"].reshape((num_samples,) + shape) for name, shape in guide_site_shapes(guide, *args, **kwargs).items()}
     runs = [poutine.trace(poutine.condition(model, data={name: value[i] for name, value in draws.items()})).get_trace(*args, **kwargs) for i in range(num_samples)]
     for run in runs:

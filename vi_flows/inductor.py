@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - fall back to the public route
     compile_fx = cache_dir = cpu_vec_isa = None
 
 _cpu_probe = None
-_probed_vec_isas = cpu_vec_isa and cpu_vec_isa.valid_vec_isa_list  # Inductor caches its answer
+_probed_vec_isas = None if cpu_vec_isa is None else cpu_vec_isa.valid_vec_isa_list  # Inductor caches its answer
 
 
 def start_probing_cpu():
@@ -42,7 +42,8 @@ def start_probing_cpu():
     it overlaps the tracing and lowering that precede Inductor's first use of its answer. The probe
     loads a test library in a child Python per instruction set, about 1 s, paid even when every
     graph comes from Inductor's cache (a third of building the default flow's step from the cache,
-    ``compile_cost.py banana``); with an empty cache it first compiles them, about 7 s of g++."""
+    ``compile_cost.py banana``); with an empty cache it first compiles them (six g++ runs, three of
+    them over ATen's vector headers: about 7 s)."""
     global _cpu_probe
     if _cpu_probe is None and _probed_vec_isas is not None:
         _cpu_probe = threading.Thread(target=_probe_quietly, name="vi-flows-cpu-probe", daemon=True)
