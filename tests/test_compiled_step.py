@@ -11,11 +11,10 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vi_flows import AutoFlow, fit
+from vi_flows import AutoFlow, fit, inductor
 from vi_flows.compiled_elbo import CompileError, trace_negative_elbo
 from vi_flows.compiled_step import CompiledAdamStep
 from vi_flows.elbo_step import ELBOStep
-from vi_flows import inductor
 from vi_flows.inductor import compile_graph
 from vi_flows.pyro_internals import max_plate_nesting
 from vi_flows.zoo import load_model
